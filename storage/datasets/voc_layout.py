@@ -1,0 +1,230 @@
+"""Datasets in the PASCAL VOC 2012 directory layout (VOC itself, COCO converted for WSSS, the synthetic set).
+
+    root/JPEGImages/<id>.jpg
+    root/Annotations/<id>.xml                    (optional: image-level labels come from masks without it)
+    root/SegmentationClass/<id>.png              (VOC masks)
+    root/SegmentationClassAug/<id>.png           (SBD-augmented masks, optional)
+    root/ImageSets/Segmentation/<split>.txt      (one id per line)
+    root/class_names.txt                         (optional, background first)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from storage import fs
+from storage.datasets.catalog import CLASS_NAMES_FILE, DEFAULT_CLASSES
+from storage.images import IGNORE_INDEX, BadImageError, image_size, read_mask
+
+log = logging.getLogger(__name__)
+
+TRAIN_AUG = "train_aug"
+
+
+class DataError(ValueError):
+    """Bad dataset content; the message names the offending file or field."""
+
+
+@dataclass
+class Split:
+    """One split: its image ids, image-level labels (N, C) multi-hot over foreground classes, and file URLs."""
+
+    root: str
+    name: str
+    class_names: tuple[str, ...]
+    ids: list[str]
+    labels: np.ndarray
+    mask_urls: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        """Foreground classes (background excluded)."""
+        return len(self.class_names) - 1
+
+    def image_url(self, image_id: str) -> str:
+        return fs.join(self.root, "JPEGImages", f"{image_id}.jpg")
+
+    def mask_url(self, image_id: str) -> str:
+        try:
+            return self.mask_urls[image_id]
+        except KeyError:
+            raise DataError(f"split {self.name!r} has no mask for image {image_id!r} under {self.root}") from None
+
+    @property
+    def has_masks(self) -> bool:
+        return bool(self.ids) and all(i in self.mask_urls for i in self.ids)
+
+    def class_counts(self) -> np.ndarray:
+        """N_c: the number of images whose label contains class c."""
+        return self.labels.sum(axis=0).astype(np.int64)
+
+
+class VOCLayoutDataset:
+    """Reader of a VOC-layout dataset root (any fsspec URL)."""
+
+    def __init__(self, root: str, kind: str, label_cache: str | None = None):
+        if not fs.isdir(root):
+            raise DataError(f"dataset root {root} does not exist or is not a directory")
+        self.root = root.rstrip("/")
+        self.kind = kind
+        self.label_cache = label_cache
+        self.class_names = self._read_class_names()
+        self._index = {name: i for i, name in enumerate(self.class_names)}
+        self._mask_dirs = {d: self._listing(d, ".png") for d in ("SegmentationClassAug", "SegmentationClass")}
+        self._annotations = self._listing("Annotations", ".xml")
+
+    def _read_class_names(self) -> tuple[str, ...]:
+        url = fs.join(self.root, CLASS_NAMES_FILE)
+        if fs.exists(url):
+            names = tuple(line.strip() for line in fs.read_text(url).splitlines() if line.strip())
+            if len(names) < 2 or names[0] != "background":
+                raise DataError(f"{url}: must list 'background' first and at least one class")
+            return names
+        return DEFAULT_CLASSES[self.kind]
+
+    def _listing(self, folder: str, suffix: str) -> set[str]:
+        url = fs.join(self.root, folder)
+        if not fs.isdir(url):
+            return set()
+        return {name[: -len(suffix)] for name in fs.listdir(url) if name.endswith(suffix)}
+
+    def _read_list(self, split: str) -> list[str]:
+        url = fs.join(self.root, "ImageSets", "Segmentation", f"{split}.txt")
+        if not fs.exists(url):
+            raise DataError(f"split list {url} not found")
+        ids = [line.split()[0] for line in fs.read_text(url).splitlines() if line.strip()]
+        if not ids:
+            raise DataError(f"split list {url} is empty")
+        return ids
+
+    def split_ids(self, split: str) -> list[str]:
+        """Ids of a split; ``train_aug`` is read from its list if present, else derived from what is on disk:
+        SBD (SegmentationClassAug) + VOC train, minus VOC val."""
+        aug_list = fs.join(self.root, "ImageSets", "Segmentation", f"{TRAIN_AUG}.txt")
+        if split != TRAIN_AUG or fs.exists(aug_list):
+            return self._read_list(split)
+        val = set(self._read_list("val"))
+        ids = sorted((self._mask_dirs["SegmentationClassAug"] | set(self._read_list("train"))) - val)
+        if not ids:
+            raise DataError(f"{self.root}: cannot derive train_aug (no SegmentationClassAug masks, empty train list)")
+        return ids
+
+    def mask_url(self, image_id: str) -> str | None:
+        for folder, ids in self._mask_dirs.items():
+            if image_id in ids:
+                return fs.join(self.root, folder, f"{image_id}.png")
+        return None
+
+    def load_split(self, split: str, on_bad_data: str = "error") -> Split:
+        """Ids, labels and mask URLs of ``split``. With ``on_bad_data='skip'`` images that are missing or have no
+        label are dropped and counted in the log; with ``'error'`` the first one raises a :class:`DataError`."""
+        ids = self.split_ids(split)
+        labels = self._labels(split, ids)
+        kept, rows, bad = [], [], []
+        for image_id in ids:
+            row = labels.get(image_id)
+            problem = row if isinstance(row, str) else (None if row.any() else "image has no class label")
+            if problem is None:
+                kept.append(image_id)
+                rows.append(row)
+                continue
+            message = f"{self._label_source(image_id)}: {problem}"
+            if on_bad_data == "error":
+                raise DataError(message)
+            bad.append(message)
+        if bad:
+            log.warning("split %s: skipped %d bad images (first: %s)", split, len(bad), bad[0])
+        if not kept:
+            raise DataError(f"split {split!r} of {self.root} has no usable images")
+        mask_urls = {i: url for i in kept if (url := self.mask_url(i)) is not None}
+        return Split(self.root, split, self.class_names, kept, np.stack(rows).astype(np.float32), mask_urls)
+
+    def _label_source(self, image_id: str) -> str:
+        if image_id in self._annotations:
+            return fs.join(self.root, "Annotations", f"{image_id}.xml")
+        return self.mask_url(image_id) or fs.join(self.root, "JPEGImages", f"{image_id}.jpg")
+
+    def _labels(self, split: str, ids: Sequence[str]) -> dict[str, np.ndarray | str]:
+        """Image-level labels per id (or an error string), from XML annotations, else masks; cached as JSON."""
+        cached = self._read_cache()
+        todo = [i for i in ids if i not in cached]
+        if todo:
+            with ThreadPoolExecutor(8) as pool:
+                for image_id, value in zip(todo, pool.map(self._derive_label, todo)):
+                    cached[image_id] = value
+            self._write_cache({k: v for k, v in cached.items() if isinstance(v, list)})
+        out: dict[str, np.ndarray | str] = {}
+        for image_id in ids:
+            value = cached[image_id]
+            if isinstance(value, str):
+                out[image_id] = value
+            else:
+                row = np.zeros(len(self.class_names) - 1, dtype=np.float32)
+                row[[c - 1 for c in value]] = 1
+                out[image_id] = row
+        return out
+
+    def _derive_label(self, image_id: str) -> list[int] | str:
+        try:
+            if image_id in self._annotations:
+                return self._label_from_xml(fs.join(self.root, "Annotations", f"{image_id}.xml"))
+            mask_url = self.mask_url(image_id)
+            if mask_url is None:
+                return "no XML annotation and no mask to derive the image-level label from"
+            values = np.unique(read_mask(mask_url))
+            return sorted(int(v) for v in values if 0 < v < len(self.class_names))
+        except (BadImageError, DataError) as err:
+            return str(err)
+
+    def _label_from_xml(self, url: str) -> list[int]:
+        try:
+            tree = ET.fromstring(fs.read_bytes(url))
+        except ET.ParseError as err:
+            raise DataError(f"{url}: malformed XML ({err})") from err
+        classes = set()
+        for node in tree.iter("object"):
+            name = (node.findtext("name") or "").strip()
+            if name not in self._index or name == "background":
+                raise DataError(f"{url}: unknown class {name!r}; known: {', '.join(self.class_names[1:])}")
+            classes.add(self._index[name])
+        return sorted(classes)
+
+    def _read_cache(self) -> dict[str, list[int] | str]:
+        if not self.label_cache or not fs.exists(self.label_cache):
+            return {}
+        data = json.loads(fs.read_text(self.label_cache))
+        if data.get("root") != self.root or data.get("classes") != list(self.class_names):
+            return {}
+        return data["labels"]
+
+    def _write_cache(self, labels: dict[str, list[int]]) -> None:
+        if self.label_cache:
+            payload = {"root": self.root, "classes": list(self.class_names), "labels": labels}
+            fs.write_text(self.label_cache, json.dumps(payload))
+
+    def validate_split_files(self, split: Split, workers: int = 8) -> list[str]:
+        """Check that every image decodes and every mask holds only class indices and 255.
+
+        Returns the problems found, one message per bad file (empty when all is well).
+        """
+        def check(image_id: str) -> str | None:
+            try:
+                image_size(split.image_url(image_id))
+                if image_id in split.mask_urls:
+                    mask = read_mask(split.mask_urls[image_id])
+                    bad = np.setdiff1d(np.unique(mask), [*range(len(self.class_names)), IGNORE_INDEX])
+                    if bad.size:
+                        return (f"{split.mask_urls[image_id]}: mask values {bad.tolist()} outside the "
+                                f"{len(self.class_names)} classes and {IGNORE_INDEX}")
+            except BadImageError as err:
+                return str(err)
+            return None
+
+        with ThreadPoolExecutor(workers) as pool:
+            return [problem for problem in pool.map(check, split.ids) if problem]
