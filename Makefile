@@ -1,0 +1,29 @@
+# README command 1: `make demo` (install + full pipeline on the synthetic data); command 2: `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch and torchvision must come as a matching pair from the registry (a local +cpu torch breaks torchvision).
+TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test bench clean
+
+$(BIN)/sfc: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_PAIR) -e '.[test]'
+	$(BIN)/python -c "import torchvision.ops; torchvision.ops.nms; import pydensecrf.densecrf; print('install ok: torch', __import__('torch').__version__)"
+	touch $(BIN)/sfc
+
+install: $(BIN)/sfc
+
+demo: install
+	$(BIN)/sfc run --config configs/synthetic.yaml
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/train_step.py
+
+clean:
+	rm -rf runs .prefect data/synthetic

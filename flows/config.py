@@ -1,0 +1,149 @@
+"""The pipeline configuration: one typed object composed of the stages' own sections, loaded from YAML and
+overridden by dotted ``key.sub=value`` arguments. Invalid configurations fail before any work starts."""
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from storage import fs
+from tasks.prepare_data import DataConfig
+from tasks.train_cam import TrainCamConfig
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names every offending key."""
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "demo"
+    root: str = Field("runs", description="folder (path or fsspec URL) holding one directory per run")
+    seed: int = 10
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not _RUN_NAME.match(name):
+            raise ValueError(f"run name {name!r} may only hold letters, digits, '_', '.', '-'")
+        return name
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if not _DEVICE.match(device):
+            raise ValueError(f"device {device!r}; allowed: auto, cpu, cuda, cuda:N, mps")
+        return device
+
+
+class TrackingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    uri: str | None = Field(None, description="MLflow tracking URI; default: SQLite store in the runs folder")
+    experiment: str = "sfc"
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    run: RunConfig = RunConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    data: DataConfig
+    train_cam: TrainCamConfig = TrainCamConfig()
+
+    @property
+    def run_dir(self) -> str:
+        return fs.join(self.run.root, self.run.name)
+
+    @property
+    def cache_dir(self) -> str:
+        return fs.join(self.run.root, "_cache")
+
+    def tracking_uri(self) -> str:
+        if self.tracking.uri:
+            return self.tracking.uri
+        return f"sqlite:///{_local_root(self.run.root) / 'mlflow.db'}"
+
+    def artifact_root(self) -> str:
+        return (_local_root(self.run.root) / "mlartifacts").as_uri()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+
+def _local_root(root: str) -> Path:
+    """The runs folder on local disk (MLflow's default store and artifacts live there)."""
+    if "://" in root and not root.startswith("file://"):
+        return Path("runs").resolve()
+    path = Path(root.removeprefix("file://")).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def apply_override(tree: dict, assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override; the value is parsed as YAML (numbers, booleans, lists, null)."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {assignment!r} must look like section.key=value")
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {assignment!r}: {part!r} is not a section")
+        node = child
+    node[leaf] = yaml.safe_load(value) if value else ""
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: Any = PipelineConfig
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for problem in err.errors():
+        loc = tuple(str(p) for p in problem["loc"])
+        key = ".".join(loc) or "<root>"
+        if problem["type"] == "extra_forbidden":
+            allowed = ", ".join(_allowed_keys(loc[:-1]))
+            lines.append(f"{key}: unknown key; allowed keys here: {allowed}")
+        else:
+            msg = problem["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {msg} (got {problem.get('input')!r})")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Load a YAML config (path or URL), apply dotted overrides, validate."""
+    tree: dict = {}
+    if path:
+        try:
+            tree = yaml.safe_load(fs.read_text(path)) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections")
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err)) from None

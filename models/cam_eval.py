@@ -1,0 +1,44 @@
+"""Turning CAMs into label maps with a background threshold, and sweeping that threshold in one pass."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from models.metrics import ConfusionMatrix
+
+DEFAULT_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+
+
+def threshold_labels(foreground: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(C, H, W) foreground scores -> (H, W) labels: argmax class + 1 where its score beats ``threshold``, else 0.
+
+    This is ``argmax(cat([threshold, foreground]))`` with ties going to background.
+    """
+    best, index = foreground.max(dim=0)
+    return torch.where(best > threshold, index + 1, torch.zeros_like(index))
+
+
+class ThresholdSweep:
+    """Confusion matrices of threshold-labelled CAMs for many background thresholds, accumulated together."""
+
+    def __init__(self, num_classes: int, thresholds: Sequence[float] = DEFAULT_THRESHOLDS):
+        self.thresholds = tuple(thresholds)
+        self.matrices = [ConfusionMatrix(num_classes) for _ in self.thresholds]
+
+    def update(self, target: torch.Tensor, foreground: torch.Tensor) -> None:
+        """``target`` (H, W) ground truth; ``foreground`` (C, H, W) scores, zero for absent classes."""
+        for threshold, matrix in zip(self.thresholds, self.matrices):
+            matrix.update(target, threshold_labels(foreground, threshold))
+
+    def results(self, class_names: Sequence[str]) -> dict:
+        """The mIoU curve, the best threshold and the full scores at that threshold."""
+        curve = [m.scores(class_names)["miou"] for m in self.matrices]
+        best = int(np.nanargmax(curve))
+        return {
+            "thresholds": list(self.thresholds),
+            "miou": curve,
+            "best_threshold": self.thresholds[best],
+            "best": self.matrices[best].scores(class_names),
+        }

@@ -1,0 +1,61 @@
+"""Confusion-matrix segmentation metrics (label 255 ignored): IoU, precision, recall, pixel accuracy."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = 255
+
+
+class ConfusionMatrix:
+    """Accumulates a (K, K) confusion matrix, rows = ground truth, columns = prediction.
+
+    Pixels whose ground truth is 255 (or outside 0..K-1) are ignored; a prediction outside 0..K-1 (e.g. 255) is
+    counted as background, as the reference's evaluation does for pseudo masks.
+    """
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def update(self, target: torch.Tensor | np.ndarray, prediction: torch.Tensor | np.ndarray) -> None:
+        target = torch.as_tensor(np.asarray(target) if isinstance(target, np.ndarray) else target).flatten().long()
+        prediction = torch.as_tensor(
+            np.asarray(prediction) if isinstance(prediction, np.ndarray) else prediction
+        ).flatten().long()
+        if target.shape != prediction.shape:
+            raise ValueError(f"target and prediction sizes differ: {target.numel()} vs {prediction.numel()}")
+        k = self.num_classes
+        keep = (target >= 0) & (target < k)
+        prediction = torch.where((prediction >= 0) & (prediction < k), prediction, torch.zeros_like(prediction))
+        index = target[keep] * k + prediction[keep]
+        self.matrix += torch.bincount(index.cpu(), minlength=k * k).view(k, k)
+
+    def merge(self, other: ConfusionMatrix) -> None:
+        self.matrix += other.matrix
+
+    def scores(self, class_names: Sequence[str]) -> dict:
+        """mIoU, pixel accuracy, and per-class IoU / precision / recall keyed by class name.
+
+        Classes absent from both ground truth and prediction get NaN IoU and are left out of the mean.
+        """
+        if len(class_names) != self.num_classes:
+            raise ValueError(f"{len(class_names)} class names for {self.num_classes} classes")
+        m = self.matrix.double()
+        tp = m.diag()
+        gt, pred = m.sum(1), m.sum(0)
+        union = gt + pred - tp
+        iou = torch.where(union > 0, tp / union.clamp_min(1), torch.full_like(tp, float("nan")))
+        precision = torch.where(pred > 0, tp / pred.clamp_min(1), torch.full_like(tp, float("nan")))
+        recall = torch.where(gt > 0, tp / gt.clamp_min(1), torch.full_like(tp, float("nan")))
+        total = m.sum()
+        return {
+            "miou": float(np.nanmean(iou.numpy())) if torch.isfinite(iou).any() else float("nan"),
+            "pixel_accuracy": float(tp.sum() / total) if total > 0 else float("nan"),
+            "per_class": {
+                name: {"iou": float(iou[i]), "precision": float(precision[i]), "recall": float(recall[i])}
+                for i, name in enumerate(class_names)
+            },
+        }

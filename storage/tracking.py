@@ -1,0 +1,118 @@
+"""MLflow tracking: one parent run per pipeline run, one nested run per stage (through MlflowClient, so it does not
+depend on the fluent API's thread-local active run)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+log = logging.getLogger(__name__)
+
+_BATCH = 100  # MLflow's limit of params per log_batch call is 100
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+class Tracker:
+    """Logs to one MLflow run; a tracker without a run (``Tracker.null()``) accepts and drops everything."""
+
+    def __init__(self, client: Any | None, run_id: str | None, experiment_id: str | None = None):
+        self.client = client
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+
+    @classmethod
+    def null(cls) -> Tracker:
+        return cls(None, None)
+
+    @property
+    def active(self) -> bool:
+        return self.client is not None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        for start in range(0, len(items), _BATCH):
+            self.client.log_batch(self.run_id, params=items[start:start + _BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if not self.active:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in flatten(metrics).items()]
+        for start in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[start:start + 1000])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if self.active:
+            for key, value in tags.items():
+                self.client.set_tag(self.run_id, key, str(value))
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        if self.active:
+            self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.active:
+            self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
+        self.log_text(json.dumps(data, indent=2, default=str), artifact_file)
+
+    def log_bytes(self, data: bytes, artifact_file: str) -> None:
+        """Log in-memory bytes (e.g. a PNG) as an artifact."""
+        if not self.active:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            path.write_bytes(data)
+            parent = str(Path(artifact_file).parent)
+            self.log_artifact(path, None if parent == "." else parent)
+
+    def child(self, name: str) -> Tracker:
+        """A nested run for one stage."""
+        if not self.active:
+            return self
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={"mlflow.parentRunId": self.run_id, "sfc.stage": name})
+        return Tracker(self.client, run.info.run_id, self.experiment_id)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.active:
+            self.client.set_terminated(self.run_id, status)
+
+
+def open_tracker(tracking_uri: str, experiment: str, artifact_root: str, run_name: str,
+                 tags: Mapping[str, str] | None = None) -> Tracker:
+    """Create (or reuse) the experiment and start a parent run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(
+        experiment, artifact_location=artifact_root)
+    run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
+    log.info("MLflow run %s (%s) in %s", run.info.run_id, run_name, tracking_uri)
+    return Tracker(client, run.info.run_id, experiment_id)

@@ -1,0 +1,55 @@
+"""Training-time augmentation of the CAM stage (method doc section 4): random long-side resize (bicubic),
+ImageNet normalisation, horizontal flip, random crop into a zero canvas with a valid-pixel mask."""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def random_resize_long(image: Image.Image, low: int, high: int, rng: np.random.Generator) -> Image.Image:
+    """Resize so that the long side is uniform in [low, high] (bicubic)."""
+    target = int(rng.integers(low, high + 1))
+    width, height = image.size
+    scale = target / max(width, height)
+    return image.resize((int(round(width * scale)), int(round(height * scale))), Image.BICUBIC)
+
+
+def normalize(image: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) -> float32 ImageNet-normalised (H, W, 3)."""
+    return (image.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random ``size`` x ``size`` crop; a smaller side is placed at a random offset in a zero canvas.
+
+    Returns the crop (size, size, C) and the valid mask (size, size) float32 (1 on image pixels).
+    """
+    height, width = image.shape[:2]
+    canvas = np.zeros((size, size) + image.shape[2:], dtype=image.dtype)
+    valid = np.zeros((size, size), dtype=np.float32)
+    (dst_y, src_y, len_y), (dst_x, src_x, len_x) = (_crop_window(n, size, rng) for n in (height, width))
+    canvas[dst_y:dst_y + len_y, dst_x:dst_x + len_x] = image[src_y:src_y + len_y, src_x:src_x + len_x]
+    valid[dst_y:dst_y + len_y, dst_x:dst_x + len_x] = 1
+    return canvas, valid
+
+
+def _crop_window(length: int, size: int, rng: np.random.Generator) -> tuple[int, int, int]:
+    """(offset in canvas, offset in image, copied length) along one axis."""
+    space = length - size
+    if space > 0:
+        return 0, int(rng.integers(0, space + 1)), size
+    return int(rng.integers(0, -space + 1)), 0, length
+
+
+def augment_for_cam_training(
+    image: Image.Image, crop: int, resize_long: tuple[int, int], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's order: resize, normalise, flip (p=0.5), crop. Returns (3, crop, crop) and (1, crop, crop)."""
+    array = normalize(np.asarray(random_resize_long(image, *resize_long, rng)))
+    if rng.random() < 0.5:
+        array = array[:, ::-1]
+    array, valid = random_crop(array, crop, rng)
+    return np.ascontiguousarray(array.transpose(2, 0, 1)), valid[None]

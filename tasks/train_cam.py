@@ -1,0 +1,324 @@
+"""Stage 1: train SFC's CAM network (MSDW losses + image bank re-sampling), resumable from checkpoints."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from models.backbone import BACKBONES
+from models.cam_eval import ThresholdSweep
+from models.class_weights import WEIGHT_MODES, distribution_weights
+from models.image_bank import ImageBank
+from models.losses import LossWeights, sfc_step_losses
+from models.optim import poly_sgd
+from models.sfc import SFCNet, max_normalize
+from storage import checkpoints, fs
+from storage.datasets.cam_training import CAMTrainingSet, EpochBatchSampler, FullImageSet
+from storage.datasets.split_files import load_split_file
+from storage.datasets.voc_layout import Split
+from storage.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "train_cam.json"
+FINAL = "final.pt"
+BEST = "best.pt"
+VAL_SCORES = "val_scores.json"
+
+
+class IBRConfig(BaseModel):
+    """Image bank re-sampling."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    n_resample: int = Field(4, ge=1, description="images re-sampled from the bank per step")
+    skip_empty_slots: bool = Field(False, description="deviation: never draw a class slot not yet filled")
+
+
+class TrainCamConfig(BaseModel):
+    """CAM training (method doc sections 3-5); defaults are the reference's."""
+
+    model_config = ConfigDict(extra="forbid")
+    backbone: Literal[BACKBONES] = "resnet50"  # type: ignore[valid-type]
+    weights: str | None = Field(None, description="torchvision-format backbone state dict (path or fsspec URL)")
+    trainable_from: int = Field(3, ge=0, le=4, description="first trainable backbone stage (3: layer3)")
+    crop: int = Field(512, ge=32, le=2048)
+    resize_long: tuple[int, int] = (320, 640)
+    batch_size: int = Field(16, ge=1)
+    epochs: int = Field(6, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
+    lr: float = Field(0.1, gt=0)
+    new_layer_lr_mult: float = Field(10.0, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(1e-4, ge=0, lt=1, description="reference quirk: weight decay passed as momentum")
+    poly_power: float = Field(0.9, ge=0)
+    clip_grad_norm: float = Field(1.0, gt=0)
+    loss_proto_weight: float = Field(1.6, ge=0)
+    loss_scale_weight: float = Field(0.8, ge=0)
+    bg_seed_scale: float = Field(0.3, ge=0)
+    class_weights: Literal[WEIGHT_MODES] = "voc"  # type: ignore[valid-type]
+    ibr: IBRConfig = IBRConfig()
+    num_workers: int = Field(2, ge=0)
+    checkpoint_every: int = Field(300, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+    validate_every: int = Field(0, ge=0, description="single-scale CAM mIoU on the val split every N steps; 0: end only")
+    val_max_images: int | None = Field(None, ge=1)
+    selection: Literal["final", "best_gt"] = Field(
+        "final", description="best_gt: keep the checkpoint with the best val mIoU (uses ground truth; deviation)")
+    amp: bool = Field(False, description="mixed precision (CUDA only)")
+    channels_last: bool = False
+
+    @field_validator("crop")
+    @classmethod
+    def _crop_multiple_of_32(cls, crop: int) -> int:
+        if crop % 32:
+            raise ValueError(f"crop must be a multiple of 32 (the 0.5-scale CAM must be half the full one), got {crop}")
+        return crop
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, url: str | None) -> str | None:
+        if url is not None and not fs.exists(url):
+            raise ValueError(f"weights file {url} does not exist")
+        return url
+
+    @model_validator(mode="after")
+    def _sizes_consistent(self) -> TrainCamConfig:
+        low, high = self.resize_long
+        if not 16 <= low <= high:
+            raise ValueError(f"resize_long must satisfy 16 <= low <= high, got {self.resize_long}")
+        if self.crop > high:
+            raise ValueError(f"crop {self.crop} is larger than allowed: at most resize_long's upper bound {high}")
+        return self
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def config_hash(cfg: BaseModel, *extra: str) -> str:
+    text = cfg.model_dump_json() + "".join(extra)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def build_model(cfg: TrainCamConfig, num_classes: int) -> SFCNet:
+    model = SFCNet(num_classes, cfg.backbone, cfg.trainable_from, cfg.bg_seed_scale)
+    if cfg.weights:
+        model.backbone.load_torchvision_state_dict(checkpoints.load_pretrained(cfg.weights))
+    return model
+
+
+@torch.no_grad()
+def validate_cams(model: SFCNet, split: Split, device: torch.device, max_images: int | None = None) -> dict:
+    """Single-scale CAM quality on a split with masks: the threshold sweep of the PCM CAM (K) and prototype CAM
+    (P), each max-normalised and label-masked, plus the all-background baseline mIoU."""
+    model.eval()
+    names = split.class_names
+    sweeps = {"cam": ThresholdSweep(len(names)), "proto_cam": ThresholdSweep(len(names))}
+    background = ThresholdSweep(len(names), thresholds=(float("inf"),))
+    loader = DataLoader(FullImageSet(split), batch_size=1, num_workers=0)
+    for index, batch in enumerate(loader):
+        if max_images is not None and index >= max_images:
+            break
+        image, label, mask = batch["image"].to(device), batch["label"].to(device), batch["mask"][0]
+        label_bg = torch.cat([label.new_ones(1, 1), label], dim=1)[:, :, None, None]
+        out = model(image, label_bg)
+        for key, sweep in sweeps.items():
+            cam = max_normalize(getattr(out, key)[:, 1:]) * label[:, :, None, None]
+            cam = F.interpolate(cam, size=mask.shape, mode="bilinear", align_corners=False)[0]
+            sweep.update(mask, cam.cpu())
+        background.update(mask, torch.zeros((1, *mask.shape)))
+    model.train()
+    results = {key: sweep.results(names) for key, sweep in sweeps.items()}
+    results["all_background_miou"] = background.results(names)["best"]["miou"]
+    return results
+
+
+def _apply_resume_state(state: dict, model, optimizer, scheduler, scaler, bank) -> int:
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    if bank is not None:
+        bank.load_state_dict(state["image_bank"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    return int(state["step"])
+
+
+def train_cam(
+    cfg: TrainCamConfig,
+    train_split_url: str,
+    val_split_url: str | None,
+    out_dir: str,
+    seed: int,
+    device: str = "auto",
+    tracker: Tracker | None = None,
+) -> dict:
+    """Train the CAM network on the training split; returns the stage manifest (also written to ``out_dir``).
+
+    Periodic checkpoints hold model, optimiser, scheduler, step, RNG states and the image bank, so a killed run
+    resumes from the last one and ends with the same weights. A finished stage (manifest with the same config
+    hash) is returned without training.
+    """
+    tracker = tracker or Tracker.null()
+    split = load_split_file(train_split_url)
+    cfg_hash = config_hash(cfg, str(seed), ",".join(split.ids))
+    manifest_url = fs.join(out_dir, MANIFEST)
+    if fs.exists(manifest_url):
+        manifest = json.loads(fs.read_text(manifest_url))
+        if manifest.get("config_hash") == cfg_hash and fs.exists(manifest["checkpoint"]):
+            log.info("CAM training already finished: %s", manifest["checkpoint"])
+            return manifest
+
+    torch_device = resolve_device(device)
+    use_amp = cfg.amp and torch_device.type == "cuda"
+    if cfg.amp and not use_amp:
+        log.warning("amp requested but the device is %s; training in fp32", torch_device)
+    torch.manual_seed(seed)
+    model = build_model(cfg, split.num_classes).to(torch_device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+
+    steps_per_epoch = len(split.ids) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{train_split_url}: {len(split.ids)} images, fewer than batch_size={cfg.batch_size}")
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    class_weights = distribution_weights(
+        cfg.class_weights, split.class_names[1:], split.class_counts(), steps_per_epoch, cfg.ibr.n_resample)
+    weights_t = torch.from_numpy(class_weights).to(torch_device)
+    optimizer, scheduler = poly_sgd(model.parameter_groups(), cfg.lr, cfg.new_layer_lr_mult, cfg.weight_decay,
+                                    cfg.momentum, total_steps, cfg.poly_power)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    bank = ImageBank(split.num_classes, cfg.crop, cfg.ibr.n_resample, cfg.ibr.skip_empty_slots, seed) \
+        if cfg.ibr.enabled else None
+    loss_weights = LossWeights(cfg.loss_proto_weight, cfg.loss_scale_weight)
+
+    ckpt_dir = fs.join(out_dir, "checkpoints")
+    start_step = 0
+    existing = checkpoints.step_checkpoints(ckpt_dir)
+    if existing:
+        state = checkpoints.load(existing[-1][1], weights_only=False)
+        if state.get("config_hash") != cfg_hash:
+            raise ValueError(f"{existing[-1][1]} was written with another config; remove {ckpt_dir} or use a new "
+                             "run name")
+        start_step = _apply_resume_state(state, model, optimizer, scheduler, scaler, bank)
+        log.info("resuming CAM training from step %d (%s)", start_step, existing[-1][1])
+
+    tracker.log_params({"train_cam": cfg.model_dump(), "seed": seed, "total_steps": total_steps,
+                        "train_images": len(split.ids)})
+    tracker.log_metrics({f"class_weight/{n}": float(w) for n, w in zip(split.class_names[1:], class_weights)})
+
+    sampler = EpochBatchSampler(len(split.ids), cfg.batch_size, seed, total_steps, start_step)
+    loader = DataLoader(CAMTrainingSet(split, cfg.crop, cfg.resize_long), batch_sampler=sampler,
+                        num_workers=cfg.num_workers, pin_memory=torch_device.type == "cuda",
+                        persistent_workers=False)
+    val_split = load_split_file(val_split_url) if val_split_url else None
+    meta = {"backbone": cfg.backbone, "num_classes": split.num_classes, "class_names": list(split.class_names),
+            "trainable_from": cfg.trainable_from, "bg_seed_scale": cfg.bg_seed_scale, "config_hash": cfg_hash}
+    best_score, best_url = -1.0, fs.join(out_dir, BEST)
+    started, images_seen = time.perf_counter(), 0
+    losses_first = losses_last = None
+    progress = tqdm(total=total_steps, initial=start_step, desc="train_cam", unit="step", dynamic_ncols=True)
+    for step, batch in zip(range(start_step, total_steps), loader):
+        images, valid, labels = batch["image"], batch["valid"], batch["label"]
+        if bank is not None:
+            images, valid, labels = bank.extend_batch(images, valid, labels)
+        images, valid, labels = (t.to(torch_device, non_blocking=True) for t in (images, valid, labels))
+        if cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(torch_device.type, enabled=use_amp):
+            losses = sfc_step_losses(model, images, valid, labels, weights_t, loss_weights)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses.total).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        images_seen += images.shape[0]
+        values = losses.as_floats()
+        losses_first = losses_first or values
+        losses_last = values
+        progress.update(1)
+        progress.set_postfix(loss=f"{values['loss']:.4f}")
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total_steps:
+            tracker.log_metrics({**values, "lr_backbone": lrs[0], "lr_new_layers": lrs[1]}, step=done)
+        if done % cfg.checkpoint_every == 0 and done < total_steps:
+            checkpoints.save(checkpoints.step_url(ckpt_dir, done), {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": done,
+                "image_bank": bank.state_dict() if bank is not None else None,
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
+                "config_hash": cfg_hash,
+            })
+            checkpoints.prune(ckpt_dir, cfg.keep_checkpoints)
+        if val_split is not None and cfg.validate_every and done % cfg.validate_every == 0 and done < total_steps:
+            best_score = _validate(model, val_split, torch_device, cfg, tracker, done, best_score, best_url, meta)
+    progress.close()
+    seconds = time.perf_counter() - started
+
+    final_url = fs.join(out_dir, FINAL)
+    _save_model(final_url, model, meta, total_steps)
+    manifest = {
+        "config_hash": cfg_hash, "steps": total_steps, "final_checkpoint": final_url, "checkpoint": final_url,
+        "class_weights": dict(zip(split.class_names[1:], class_weights.tolist())),
+        "train_seconds": seconds, "images_per_second": images_seen / seconds if seconds > 0 else None,
+        "first_losses": losses_first, "last_losses": losses_last,
+    }
+    if val_split is not None:
+        best_score = _validate(model, val_split, torch_device, cfg, tracker, total_steps, best_score, best_url, meta)
+        manifest["validation"] = json.loads(fs.read_text(fs.join(out_dir, VAL_SCORES)))["summary"]
+        if cfg.selection == "best_gt":
+            manifest["checkpoint"] = best_url
+    tracker.log_metrics({"train_seconds": seconds, "images_per_second": manifest["images_per_second"] or 0.0})
+    tracker.set_tags({"final_checkpoint": final_url, "selected_checkpoint": manifest["checkpoint"]})
+    fs.write_text(manifest_url, json.dumps(manifest, indent=2))
+    tracker.log_dict(manifest, "train_cam/manifest.json")
+    return manifest
+
+
+def _save_model(url: str, model: SFCNet, meta: dict, step: int) -> None:
+    checkpoints.save(url, {"model": model.state_dict(), "meta": meta, "step": step})
+
+
+def _validate(model: SFCNet, split: Split, device: torch.device, cfg: TrainCamConfig, tracker: Tracker, step: int,
+              best_score: float, best_url: str, meta: dict) -> float:
+    """Validate, log, write the scores next to ``best_url``; with ``selection=best_gt`` keep the best model.
+    Returns the best selection score so far (mIoU(K) + mIoU(P), as the reference)."""
+    results = validate_cams(model, split, device, cfg.val_max_images)
+    summary = {
+        "val_miou_cam": results["cam"]["best"]["miou"],
+        "val_threshold_cam": results["cam"]["best_threshold"],
+        "val_miou_proto": results["proto_cam"]["best"]["miou"],
+        "val_threshold_proto": results["proto_cam"]["best_threshold"],
+        "val_all_background_miou": results["all_background_miou"],
+    }
+    tracker.log_metrics(summary, step=step)
+    out_dir = best_url.rsplit("/", 1)[0]
+    fs.write_text(fs.join(out_dir, VAL_SCORES), json.dumps({"step": step, "summary": summary, **results}, indent=2))
+    score = summary["val_miou_cam"] + summary["val_miou_proto"]
+    if cfg.selection == "best_gt" and score > best_score:
+        _save_model(best_url, model, meta, step)
+        return score
+    return max(best_score, score)
+
+
+train_cam_task = task(train_cam, name="train_cam", cache_policy=NO_CACHE)

@@ -1,0 +1,55 @@
+"""Configuration: YAML + dotted overrides, and clear errors before any work starts."""
+from pathlib import Path
+
+import pytest
+
+from flows.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", ["synthetic", "voc", "coco"])
+def test_shipped_configs_parse(name, tmp_path):
+    overrides = [] if name == "synthetic" else [f"train_cam.weights={_fake_weights(tmp_path)}"]
+    cfg = load_config(str(CONFIGS / f"{name}.yaml"), overrides)
+    assert cfg.data.kind == name
+
+
+def _fake_weights(tmp_path):
+    path = tmp_path / "w.pth"
+    path.write_bytes(b"x")
+    return str(path)
+
+
+def test_overrides_are_typed():
+    cfg = load_config(str(CONFIGS / "synthetic.yaml"),
+                      ["train_cam.max_steps=7", "train_cam.ibr.enabled=false", "run.name=x1"])
+    assert cfg.train_cam.max_steps == 7 and cfg.train_cam.ibr.enabled is False and cfg.run.name == "x1"
+    assert cfg.run_dir == "runs/x1"
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train_cam.max_stepz=3", "train_cam.max_stepz: unknown key; allowed keys here:"),
+    ("train_cam.max_steps=-1", "train_cam.max_steps"),
+    ("train_cam.batch_size=abc", "train_cam.batch_size"),
+    ("train_cam.crop=100", "multiple of 32"),
+    ("train_cam.crop=256", "crop 256 is larger than allowed"),
+    ("train_cam.backbone=vgg16", "'resnet18', 'resnet34', 'resnet50' or 'resnet101'"),
+    ("train_cam.weights=/nope/r50.pth", "weights file /nope/r50.pth does not exist"),
+    ("data.kind=imagenet", "data.kind"),
+    ("run.device=gpu0", "allowed: auto, cpu"),
+    ("nonsense", "must look like section.key=value"),
+])
+def test_bad_values_name_the_key(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(str(CONFIGS / "synthetic.yaml"), [override])
+    assert fragment in str(err.value)
+
+
+def test_missing_and_malformed_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
