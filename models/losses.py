@@ -28,8 +28,8 @@ class SFCLosses:
         return self.cls + self.proto + self.scale
 
     def as_floats(self) -> dict[str, float]:
-        return {"loss_cls": float(self.cls), "loss_proto": float(self.proto), "loss_scale": float(self.scale),
-                "loss": float(self.total)}
+        values = {"loss_cls": self.cls, "loss_proto": self.proto, "loss_scale": self.scale, "loss": self.total}
+        return {key: value.detach().item() for key, value in values.items()}
 
 
 def cam_size(image_size: int) -> int:

@@ -195,7 +195,7 @@ TEXTURES: dict[str, Callable[[np.ndarray, np.ndarray, int], np.ndarray]] = {
 
 def _secondary(rgb: tuple[int, int, int]) -> np.ndarray:
     """The texture's second colour: a dark shade of a light colour, a light tint of a dark one."""
-    c = np.asarray(rgb, dtype=np.float32)
+    c = np.asarray(rgb, dtype=np.float64)
     luminance = 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
     return c * 0.35 if luminance > 100 else c + (255 - c) * 0.55
 
@@ -204,7 +204,7 @@ def _paint(spec: SyntheticClass, y: np.ndarray, x: np.ndarray, half: int, gain: 
     """(h, w, 3) float colours of ``spec``'s colour and texture over an object-local grid."""
     pattern = TEXTURES[spec.texture](y, x, half)
     pattern = np.broadcast_to(pattern, (y.shape[0], x.shape[1]))
-    primary = np.asarray(spec.rgb, dtype=np.float32) * gain
+    primary = np.asarray(spec.rgb, dtype=np.float64) * gain
     return np.where(pattern[..., None], _secondary(spec.rgb) * gain, primary)
 
 
@@ -263,31 +263,34 @@ def _class_weights() -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------------- rendering
 
-def _interpolation(size: int, nodes: int) -> np.ndarray:
-    """(size, nodes) linear interpolation weights from ``nodes`` evenly spaced control points."""
+def _interpolation(size: int, nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Linear interpolation from ``nodes`` evenly spaced control points to ``size`` samples: for each sample the
+    index of the control point before it and the weight (0..1) of the one after it."""
     t = np.linspace(0.0, nodes - 1, size)
     low = np.minimum(np.floor(t).astype(np.int64), nodes - 2)
-    frac = t - low
-    out = np.zeros((size, nodes), dtype=np.float32)
-    rows = np.arange(size)
-    out[rows, low] = 1 - frac
-    out[rows, low + 1] = frac
-    return out
+    return low, t - low
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """Muted low-frequency colour field with faint stripes: (H, W, 3) float32."""
+    """Muted low-frequency colour field with faint stripes: (H, W, 3) float64.
+
+    Images are composed in float64 with element-wise operations only (no BLAS), so that the rounding to uint8
+    does not depend on the CPU's kernels."""
     gh, gw = (int(k) for k in rng.integers(2, 5, size=2))
-    nodes = (rng.uniform(75, 185, size=(gh, gw, 1)) + rng.uniform(-22, 22, size=(gh, gw, 3))).astype(np.float32)
-    rows, cols = _interpolation(height, gh), _interpolation(width, gw)
-    field = (rows @ nodes.reshape(gh, gw * 3)).reshape(height, gw, 3).transpose(0, 2, 1) @ cols.T  # (H, 3, W)
-    field = np.ascontiguousarray(field.transpose(0, 2, 1))
+    nodes = rng.uniform(75, 185, size=(gh, gw, 1)) + rng.uniform(-22, 22, size=(gh, gw, 3))
+    low, frac = _interpolation(height, gh)
+    along_rows = nodes[low] * (1 - frac)[:, None, None] + nodes[low + 1] * frac[:, None, None]   # (H, gw, 3)
+    low, frac = _interpolation(width, gw)
+    field = along_rows[:, low] * (1 - frac)[None, :, None] + along_rows[:, low + 1] * frac[None, :, None]
     angle, period, amplitude, phase = rng.uniform(0, math.pi), rng.uniform(5, 24), rng.uniform(2, 8), \
         rng.uniform(0, 2 * math.pi)
-    y = np.arange(height, dtype=np.float32)[:, None]
-    x = np.arange(width, dtype=np.float32)[None, :]
-    stripes = amplitude * np.sin((x * math.cos(angle) + y * math.sin(angle)) * (2 * math.pi / period) + phase)
-    return field + stripes[..., None].astype(np.float32)
+    # amplitude * sin(kx x + ky y + phase), separably
+    kx, ky = math.cos(angle) * 2 * math.pi / period, math.sin(angle) * 2 * math.pi / period
+    x = np.arange(width, dtype=np.float64) * kx
+    y = np.arange(height, dtype=np.float64) * ky + phase
+    stripes = amplitude * (np.sin(y)[:, None] * np.cos(x)[None, :] + np.cos(y)[:, None] * np.sin(x)[None, :])
+    field += stripes[..., None]
+    return field
 
 
 @dataclass
@@ -317,8 +320,8 @@ def _place(rng: np.random.Generator, cls: int, height: int, width: int, owner: n
         cy = height / 2 if last else rng.uniform(bh / 2, height - bh / 2)
         x0, x1 = max(0, math.floor(cx - bw / 2)), min(width, math.ceil(cx + bw / 2))
         y0, y1 = max(0, math.floor(cy - bh / 2)), min(height, math.ceil(cy + bh / 2))
-        u = ((np.arange(x0, x1, dtype=np.float32) + 0.5 - cx) / (bw / 2))[None, :]
-        v = ((np.arange(y0, y1, dtype=np.float32) + 0.5 - cy) / (bh / 2))[:, None]
+        u = ((np.arange(x0, x1, dtype=np.float64) + 0.5 - cx) / (bw / 2))[None, :]
+        v = ((np.arange(y0, y1, dtype=np.float64) + 0.5 - cy) / (bh / 2))[:, None]
         shape = np.broadcast_to(SHAPES[spec.shape](u, v), (y1 - y0, x1 - x0))
         area = int(shape.sum())
         if area < min_area and not (last and area > 0):
@@ -365,8 +368,10 @@ def _render(rng: np.random.Generator, classes: list[int], height: int, width: in
         box = (obj.left + int(xs.min()) + 1, obj.top + int(ys.min()) + 1,
                obj.left + int(xs.max()) + 1, obj.top + int(ys.max()) + 1)
         objects.append((spec.index, box))
-    image += rng.standard_normal((height, width, 3), dtype=np.float32) * np.float32(rng.uniform(2, 5))
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8), mask, objects
+    image += rng.standard_normal((height, width, 3), dtype=np.float32) * rng.uniform(2, 5)
+    np.rint(image, out=image)
+    np.clip(image, 0, 255, out=image)
+    return image.astype(np.uint8), mask, objects
 
 
 @lru_cache(maxsize=1)
@@ -462,7 +467,7 @@ def generate_synthetic(out: str, num_images: int = 800, seed: int = 0, min_size:
 
     streams = np.random.SeedSequence(int(seed)).spawn(num_images + 1)
     master = np.random.default_rng(streams[0])
-    label_sets = _sample_label_sets(master, num_images, _class_weights())
+    weights = _class_weights()
     ids = [f"{ID_PREFIX}{i:06d}" for i in range(num_images)]
     splits = _split_ids(master, ids, val_fraction, test_fraction, train_fraction)
     with_class_mask = set(splits["train"]) | set(splits["val"]) | set(splits["test"])
@@ -470,9 +475,11 @@ def generate_synthetic(out: str, num_images: int = 800, seed: int = 0, min_size:
 
     labels: dict[str, set[int]] = {}
     for i, image_id in enumerate(ids):
+        # image i depends only on (seed, i, min_size, max_size): a smaller dataset is a prefix of a larger one
         rng = np.random.default_rng(streams[i + 1])
+        classes = _sample_label_sets(rng, 1, weights)[0]
         height, width = (int(s) for s in rng.integers(min_size, max_size + 1, size=2))
-        image, mask, objects = _render(rng, label_sets[i], height, width)
+        image, mask, objects = _render(rng, classes, height, width)
         write_rgb(fs.join(out, "JPEGImages", f"{image_id}.jpg"), image)
         png = _encode_mask(mask)
         fs.write_bytes(fs.join(out, "SegmentationClassAug", f"{image_id}.png"), png)

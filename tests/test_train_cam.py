@@ -1,0 +1,92 @@
+"""CAM training: runs, logs, is deterministic, and a killed run resumes to the same weights."""
+import json
+
+import pytest
+import torch
+
+import tasks.train_cam as train_module
+from storage import checkpoints, fs
+from storage.datasets.split_files import save_split
+from storage.datasets.synthetic import generate_synthetic
+from storage.datasets.voc_layout import VOCLayoutDataset
+from tasks.train_cam import TrainCamConfig, train_cam
+
+TINY = dict(backbone="resnet18", trainable_from=3, crop=64, resize_long=(48, 80), batch_size=4, max_steps=6,
+            class_weights="counts", num_workers=0, checkpoint_every=2, keep_checkpoints=5)
+
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("syn")
+    generate_synthetic(str(root / "data"), num_images=40, seed=3, min_size=64, max_size=80)
+    dataset = VOCLayoutDataset(str(root / "data"), "synthetic")
+    urls = {}
+    for name in ("train_aug", "val"):
+        urls[name] = str(root / f"{name}.json")
+        save_split(urls[name], dataset.load_split(name))
+    return urls
+
+
+def _run(splits, out_dir, **overrides):
+    cfg = TrainCamConfig(**{**TINY, **overrides})
+    return train_cam(cfg, splits["train_aug"], splits["val"], str(out_dir), seed=1, device="cpu")
+
+
+def _weights(manifest):
+    return checkpoints.load(manifest["final_checkpoint"])["model"]
+
+
+def test_killed_training_resumes_to_identical_weights(splits, tmp_path, monkeypatch):
+    reference = _weights(_run(splits, tmp_path / "full"))
+
+    calls = {"n": 0}
+    real = train_module.sfc_step_losses
+
+    def dies_at_step_five(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "sfc_step_losses", dies_at_step_five)
+    with pytest.raises(KeyboardInterrupt):
+        _run(splits, tmp_path / "killed")
+    monkeypatch.setattr(train_module, "sfc_step_losses", real)
+    assert [s for s, _ in checkpoints.step_checkpoints(str(tmp_path / "killed" / "checkpoints"))] == [2, 4]
+    assert not fs.exists(str(tmp_path / "killed" / "final.pt"))
+
+    resumed = _weights(_run(splits, tmp_path / "killed"))
+    for key, value in reference.items():
+        assert torch.equal(value, resumed[key]), key
+
+
+def test_finished_stage_is_not_redone_and_manifest_is_complete(splits, tmp_path, monkeypatch):
+    manifest = _run(splits, tmp_path / "run", max_steps=2)
+    assert set(manifest["class_weights"]) and manifest["steps"] == 2
+    assert manifest["validation"]["val_all_background_miou"] >= 0
+    assert json.loads(fs.read_text(str(tmp_path / "run" / "train_cam.json")))["config_hash"] == manifest["config_hash"]
+    monkeypatch.setattr(train_module, "sfc_step_losses", lambda *a, **k: pytest.fail("retrained a finished stage"))
+    assert _run(splits, tmp_path / "run", max_steps=2)["final_checkpoint"] == manifest["final_checkpoint"]
+
+
+def test_checkpoint_from_other_config_is_refused(splits, tmp_path, monkeypatch):
+    real = train_module.sfc_step_losses
+    calls = {"n": 0}
+
+    def dies_at_step_three(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "sfc_step_losses", dies_at_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        _run(splits, tmp_path / "run")
+    monkeypatch.setattr(train_module, "sfc_step_losses", real)
+    with pytest.raises(ValueError, match="another config"):
+        _run(splits, tmp_path / "run", lr=0.5)
+
+
+def test_best_gt_selection_is_opt_in(splits, tmp_path):
+    manifest = _run(splits, tmp_path / "best", max_steps=2, selection="best_gt")
+    assert manifest["checkpoint"].endswith("best.pt") and fs.exists(manifest["checkpoint"])
