@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -11,7 +12,8 @@ from storage import fs
 IGNORE_INDEX = 255
 
 
-def voc_palette() -> list[int]:
+@lru_cache(maxsize=1)
+def voc_palette() -> tuple[int, ...]:
     """The PASCAL VOC colour map (256 RGB triplets, flattened) used for all label PNGs."""
     palette = []
     for index in range(256):
@@ -23,7 +25,7 @@ def voc_palette() -> list[int]:
             b |= ((c >> 2) & 1) << (7 - bit)
             c >>= 3
         palette += [r, g, b]
-    return palette
+    return tuple(palette)
 
 
 class BadImageError(ValueError):

@@ -60,14 +60,15 @@ def ensure_synthetic(cfg: DataConfig) -> None:
 
 
 def _checked(dataset: VOCLayoutDataset, split: Split, cfg: DataConfig) -> Split:
-    problems = dataset.validate_split_files(split) if cfg.check_files else []
+    problems = dataset.validate_split_files(split) if cfg.check_files else {}
     if not problems:
         return split
+    first = next(iter(problems.values()))
     if cfg.on_bad_data == "error":
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise DataError(problems[0] + more)
-    bad = {i for i in split.ids if any(i in p for p in problems)}
-    log.warning("split %s: skipped %d bad files (first: %s)", split.name, len(bad), problems[0])
+        raise DataError(first + more)
+    bad = set(problems)
+    log.warning("split %s: skipped %d bad files (first: %s)", split.name, len(bad), first)
     keep = [k for k, i in enumerate(split.ids) if i not in bad]
     if not keep:
         raise DataError(f"split {split.name!r} of {split.root} has no usable images")

@@ -27,6 +27,7 @@ from storage import checkpoints, fs
 from storage.datasets.cam_training import CAMTrainingSet, EpochBatchSampler, FullImageSet
 from storage.datasets.split_files import load_split_file
 from storage.datasets.voc_layout import Split
+from storage.reports import class_metrics, format_table
 from storage.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -312,8 +313,13 @@ def _validate(model: SFCNet, split: Split, device: torch.device, cfg: TrainCamCo
         "val_all_background_miou": results["all_background_miou"],
     }
     tracker.log_metrics(summary, step=step)
+    for key in ("cam", "proto_cam"):
+        tracker.log_metrics(class_metrics(results[key]["best"], f"val_{key}"), step=step)
+    log.info("\n%s", format_table(results["cam"]["best"],
+                                   f"val: PCM CAM at step {step}, threshold {summary['val_threshold_cam']}"))
     out_dir = best_url.rsplit("/", 1)[0]
     fs.write_text(fs.join(out_dir, VAL_SCORES), json.dumps({"step": step, "summary": summary, **results}, indent=2))
+    tracker.log_text(format_table(results["cam"]["best"]), f"train_cam/val_cam_step{step}.txt")
     score = summary["val_miou_cam"] + summary["val_miou_proto"]
     if cfg.selection == "best_gt" and score > best_score:
         _save_model(best_url, model, meta, step)

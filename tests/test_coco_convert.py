@@ -190,7 +190,7 @@ def test_reader_loads_converted_split(coco):
         IMG_COMPRESSED: [0.0, 1.0, 0.0],
     }
     assert split.has_masks
-    assert dataset.validate_split_files(split) == []
+    assert dataset.validate_split_files(split) == {}
 
 
 def test_copy_to_fsspec_url(coco):

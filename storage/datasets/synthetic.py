@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from storage import fs
 from storage.datasets.catalog import CLASS_NAMES_FILE, VOC_CLASSES
-from storage.images import read_mask, read_rgb, voc_palette, write_rgb
+from storage.images import encode_mask_png, read_mask, read_rgb, voc_palette, write_rgb
 
 MARKER = "synthetic.json"
 ID_PREFIX = "syn_"
@@ -374,21 +374,6 @@ def _render(rng: np.random.Generator, classes: list[int], height: int, width: in
     return image.astype(np.uint8), mask, objects
 
 
-@lru_cache(maxsize=1)
-def _palette() -> tuple[int, ...]:
-    return tuple(voc_palette())
-
-
-def _encode_mask(mask: np.ndarray) -> bytes:
-    """The bytes of :func:`storage.images.encode_mask_png` (VOC palette PNG), without recomputing the palette
-    for every mask."""
-    image = Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="P")
-    image.putpalette(_palette())
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _annotation_xml(image_id: str, height: int, width: int, objects: list[tuple[int, tuple[int, ...]]]) -> str:
     parts = ["<annotation>", "  <folder>synthetic</folder>", f"  <filename>{image_id}.jpg</filename>",
              f"  <size><width>{width}</width><height>{height}</height><depth>3</depth></size>",
@@ -481,7 +466,7 @@ def generate_synthetic(out: str, num_images: int = 800, seed: int = 0, min_size:
         height, width = (int(s) for s in rng.integers(min_size, max_size + 1, size=2))
         image, mask, objects = _render(rng, classes, height, width)
         write_rgb(fs.join(out, "JPEGImages", f"{image_id}.jpg"), image)
-        png = _encode_mask(mask)
+        png = encode_mask_png(mask)
         fs.write_bytes(fs.join(out, "SegmentationClassAug", f"{image_id}.png"), png)
         if image_id in with_class_mask:
             fs.write_bytes(fs.join(out, "SegmentationClass", f"{image_id}.png"), png)

@@ -208,10 +208,10 @@ class VOCLayoutDataset:
             payload = {"root": self.root, "classes": list(self.class_names), "labels": labels}
             fs.write_text(self.label_cache, json.dumps(payload))
 
-    def validate_split_files(self, split: Split, workers: int = 8) -> list[str]:
+    def validate_split_files(self, split: Split, workers: int = 8) -> dict[str, str]:
         """Check that every image decodes and every mask holds only class indices and 255.
 
-        Returns the problems found, one message per bad file (empty when all is well).
+        Returns {image id: problem} for the bad images (empty when all is well).
         """
         def check(image_id: str) -> str | None:
             try:
@@ -227,4 +227,4 @@ class VOCLayoutDataset:
             return None
 
         with ThreadPoolExecutor(workers) as pool:
-            return [problem for problem in pool.map(check, split.ids) if problem]
+            return {i: problem for i, problem in zip(split.ids, pool.map(check, split.ids)) if problem}
