@@ -69,5 +69,23 @@ def make_synthetic(out: str, num_images: int, seed: int, min_size: int, max_size
     click.echo(json.dumps({k: summary[k] for k in ("num_images", "splits", "images_per_second")}, indent=2))
 
 
+@main.command("convert-coco")
+@click.option("--instances", required=True, help="COCO instances JSON, e.g. annotations/instances_train2014.json")
+@click.option("--images", required=True, help="the matching image folder, e.g. train2014/")
+@click.option("--out", required=True, help="output root in VOC layout")
+@click.option("--split", required=True, help="list name to write, e.g. train or val")
+@click.option("--workers", default=4, show_default=True, type=int)
+@click.option("--copy", "copy_images", is_flag=True, help="copy images instead of hard-linking them")
+def convert_coco(instances: str, images: str, out: str, split: str, workers: int, copy_images: bool) -> None:
+    """Convert COCO instance annotations to the VOC-style layout WSSS uses (masks, lists, class names)."""
+    from storage.datasets.coco import convert_coco as convert
+
+    try:
+        summary = convert(instances, images, out, split, link_images=not copy_images, workers=workers)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(json.dumps(summary, indent=2))
+
+
 if __name__ == "__main__":
     sys.exit(main())

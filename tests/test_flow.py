@@ -1,0 +1,74 @@
+"""The Prefect flow end to end on a tiny synthetic dataset, tracked in MLflow; and the CLI."""
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from flows.cli import main
+from flows.config import load_config
+from storage import fs
+
+TINY = [
+    "data.synthetic.num_images=40", "data.synthetic.min_size=64", "data.synthetic.max_size=80",
+    "train_cam.crop=64", "train_cam.resize_long=[48,80]", "train_cam.batch_size=4", "train_cam.max_steps=3",
+    "train_cam.trainable_from=3", "train_cam.num_workers=0", "train_cam.val_max_images=4",
+]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, prefect_harness):
+    from flows.pipeline import sfc_pipeline
+
+    tmp = tmp_path_factory.mktemp("flow")
+    cfg = load_config("configs/synthetic.yaml",
+                      [*TINY, f"run.root={tmp / 'runs'}", f"data.root={tmp / 'data'}", "run.name=tiny"])
+    return cfg, sfc_pipeline(cfg.model_dump(mode="json"))
+
+
+def test_flow_writes_run_directory(finished_run):
+    cfg, summary = finished_run
+    run_dir = summary["run_dir"]
+    assert yaml.safe_load(fs.read_text(f"{run_dir}/config.yaml"))["train_cam"]["max_steps"] == 3
+    stats = json.loads(fs.read_text(f"{run_dir}/dataset_stats.json"))
+    assert sum(stats["class_counts"].values()) > 0 and "counts" in stats["distribution_coefficients"]
+    assert fs.exists(summary["stages"]["train_cam"]["final_checkpoint"])
+
+
+def test_flow_is_tracked_in_mlflow(finished_run):
+    from mlflow.tracking import MlflowClient
+
+    cfg, summary = finished_run
+    client = MlflowClient(cfg.tracking_uri())
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.params["train_cam.max_steps"] == "3"
+    assert parent.data.tags["prefect_flow_run_id"] and parent.data.tags["config_hash"] == cfg.digest()
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_stage = {run.data.tags["sfc.stage"]: run for run in children}
+    assert set(by_stage) == {"prepare_data", "train_cam"}
+    train = by_stage["train_cam"]
+    assert [m.step for m in client.get_metric_history(train.info.run_id, "loss")] == [1, 2, 3]
+    assert "lr_backbone" in train.data.metrics and "images_per_second" in train.data.metrics
+    assert "val_cam/miou" in train.data.metrics and "class_weight/person" in train.data.metrics
+    assert train.data.tags["final_checkpoint"].endswith("final.pt")
+    assert "class_count/person" in by_stage["prepare_data"].data.metrics
+    assert "config.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+
+
+def test_cli_show_config_and_errors(tmp_path):
+    runner = CliRunner()
+    shown = runner.invoke(main, ["show-config", "--config", "configs/synthetic.yaml", "train_cam.max_steps=5"])
+    assert shown.exit_code == 0 and yaml.safe_load(shown.output)["train_cam"]["max_steps"] == 5
+    bad = runner.invoke(main, ["run", "--config", "configs/synthetic.yaml", "train_cam.crop=33"])
+    assert bad.exit_code != 0 and "train_cam.crop" in bad.output and "Traceback" not in bad.output
+
+
+def test_cli_make_synthetic(tmp_path):
+    runner = CliRunner()
+    ok = runner.invoke(main, ["make-synthetic", "--out", str(tmp_path / "s"), "--num-images", "12",
+                              "--min-size", "48", "--max-size", "56"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output)["num_images"] == 12
+    bad = runner.invoke(main, ["make-synthetic", "--out", str(tmp_path / "t"), "--num-images", "3"])
+    assert bad.exit_code != 0 and "num_images" in bad.output
