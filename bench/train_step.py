@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,19 +27,10 @@ sys.path.insert(0, str(ROOT))
 from models.image_bank import ImageBank  # noqa: E402
 from models.losses import sfc_step_losses  # noqa: E402
 from models.optim import poly_sgd  # noqa: E402
+from models.reference_weights import load_reference_weights  # noqa: E402
 from models.sfc import SFCNet  # noqa: E402
 
 GOLDEN_WEIGHTS = ROOT / "tests" / "golden" / "sfc_weights.npz"
-
-
-def load_reference_weights(model: SFCNet) -> None:
-    """Trained reference weights (int8 + scale) keep activations realistic; random frozen-BN ResNet-50s overflow."""
-    with np.load(GOLDEN_WEIGHTS) as data:
-        state = {k[2:]: torch.from_numpy(data[k].astype(np.float32) * data["scale/" + k[2:]])
-                 for k in data.files if k.startswith("q/")}
-    model.backbone.load_torchvision_state_dict(
-        {k.removeprefix("resnet50."): v for k, v in state.items() if k.startswith("resnet50.")})
-    model.load_state_dict({k: v for k, v in state.items() if not k.startswith("resnet50.")}, strict=False)
 
 
 def run_mode(args: argparse.Namespace) -> dict:
@@ -49,7 +39,7 @@ def run_mode(args: argparse.Namespace) -> dict:
     torch.set_flush_denormal(True)
     model = SFCNet(20, args.backbone)
     if args.backbone == "resnet50" and GOLDEN_WEIGHTS.exists():
-        load_reference_weights(model)
+        load_reference_weights(model, GOLDEN_WEIGHTS)  # realistic activations; random frozen-BN nets overflow
     model.to(device).train()
     mixed = args.mode == "mixed"
     if mixed:

@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
-from flows.config import PipelineConfig
+from flows.config import PipelineConfig, load_config
 from storage import fs
 from storage.tracking import Tracker, open_tracker
 from tasks.prepare_data import prepare_data_task
@@ -71,3 +71,10 @@ def sfc_pipeline(config: dict) -> dict:
     summary = {"run_dir": run_dir, "mlflow_run_id": tracker.run_id, "stages": manifests}
     fs.write_text(fs.join(run_dir, "pipeline.json"), json.dumps(summary, indent=2, default=str))
     return summary
+
+
+@flow(name="sfc-pipeline-from-config")
+def sfc_pipeline_from_config(config_path: str = "configs/synthetic.yaml", overrides: list[str] | None = None) -> dict:
+    """Entry point for deployments: load a YAML config with dotted overrides, then run :func:`sfc_pipeline`."""
+    cfg = load_config(config_path, overrides or [])
+    return sfc_pipeline(cfg.model_dump(mode="json"))

@@ -9,6 +9,7 @@ from torch import nn
 from torchvision.models import resnet
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+NORMS = ("frozen", "batch")
 
 
 class FrozenBatchNorm2d(nn.BatchNorm2d):
@@ -37,18 +38,23 @@ class StageChannels:
 class ResNetBackbone(nn.Module):
     """A torchvision ResNet cut into five stages with strides (2+2, 1, 2, 2, 1): output stride 16, no dilation.
 
+    ``norm="frozen"`` (the reference) normalises with running statistics only; ``norm="batch"`` uses ordinary
+    BatchNorm, which a randomly initialised backbone needs to train quickly (the CPU demo).
     Stages before ``trainable_from`` are frozen (no gradient, computed without autograd): with the default 3 the
     stem, layer1 and layer2 stay at their initial weights, which is what the reference's ``x2.detach()`` and
     ``requires_grad=False`` on conv1/bn1 amount to.
     """
 
-    def __init__(self, name: str = "resnet50", trainable_from: int = 3):
+    def __init__(self, name: str = "resnet50", trainable_from: int = 3, norm: str = "frozen"):
         super().__init__()
         if name not in BACKBONES:
             raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(BACKBONES)}")
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; allowed: {', '.join(NORMS)}")
         if not 0 <= trainable_from <= 4:
             raise ValueError(f"trainable_from must be in 0..4, got {trainable_from}")
-        net = getattr(resnet, name)(weights=None, norm_layer=FrozenBatchNorm2d)
+        norm_layer = FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d
+        net = getattr(resnet, name)(weights=None, norm_layer=norm_layer)
         _set_last_stage_stride_one(net.layer4)
         self.name = name
         self.trainable_from = trainable_from

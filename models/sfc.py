@@ -63,11 +63,12 @@ class SFCNet(nn.Module):
         backbone: str = "resnet50",
         trainable_from: int = 3,
         bg_seed_scale: float = 0.3,
+        norm: str = "frozen",
     ):
         super().__init__()
         self.num_classes = num_classes
         self.bg_seed_scale = bg_seed_scale
-        self.backbone = ResNetBackbone(backbone, trainable_from)
+        self.backbone = ResNetBackbone(backbone, trainable_from, norm)
         stage_channels = self.backbone.channels.as_tuple()
         sides = side_channels_for(stage_channels)
         self.side1, self.side2, self.side3, self.side4 = (

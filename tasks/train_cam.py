@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.backbone import BACKBONES
+from models.backbone import BACKBONES, NORMS
 from models.cam_eval import ThresholdSweep
 from models.class_weights import WEIGHT_MODES, distribution_weights
 from models.image_bank import ImageBank
@@ -54,6 +54,8 @@ class TrainCamConfig(BaseModel):
     backbone: Literal[BACKBONES] = "resnet50"  # type: ignore[valid-type]
     weights: str | None = Field(None, description="torchvision-format backbone state dict (path or fsspec URL)")
     trainable_from: int = Field(3, ge=0, le=4, description="first trainable backbone stage (3: layer3)")
+    norm: Literal[NORMS] = Field(  # type: ignore[valid-type]
+        "frozen", description="frozen: BN with running statistics (reference); batch: trainable BN (random init)")
     crop: int = Field(512, ge=32, le=2048)
     resize_long: tuple[int, int] = (320, 640)
     batch_size: int = Field(16, ge=1)
@@ -117,7 +119,7 @@ def config_hash(cfg: BaseModel, *extra: str) -> str:
 
 
 def build_model(cfg: TrainCamConfig, num_classes: int) -> SFCNet:
-    model = SFCNet(num_classes, cfg.backbone, cfg.trainable_from, cfg.bg_seed_scale)
+    model = SFCNet(num_classes, cfg.backbone, cfg.trainable_from, cfg.bg_seed_scale, cfg.norm)
     if cfg.weights:
         model.backbone.load_torchvision_state_dict(checkpoints.load_pretrained(cfg.weights))
     return model
@@ -231,7 +233,7 @@ def train_cam(
                         persistent_workers=False)
     val_split = load_split_file(val_split_url) if val_split_url else None
     meta = {"backbone": cfg.backbone, "num_classes": split.num_classes, "class_names": list(split.class_names),
-            "trainable_from": cfg.trainable_from, "bg_seed_scale": cfg.bg_seed_scale, "config_hash": cfg_hash}
+            "trainable_from": cfg.trainable_from, "bg_seed_scale": cfg.bg_seed_scale, "norm": cfg.norm, "config_hash": cfg_hash}
     best_score, best_url = -1.0, fs.join(out_dir, BEST)
     started, images_seen = time.perf_counter(), 0
     losses_first = losses_last = None

@@ -5,8 +5,8 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from models.reference_weights import load_reference_weights
 from models.sfc import SFCNet
 
 GOLDEN_DIR = Path(os.environ.get("SFC_GOLDEN_DIR", Path(__file__).parent / "golden"))
@@ -21,23 +21,6 @@ def load_golden(name: str) -> dict[str, np.ndarray]:
         return {key: data[key] for key in data.files}
 
 
-def golden_state_dict() -> dict[str, torch.Tensor]:
-    """The reference weights, dequantised: ``q.astype(float32) * scale``."""
-    data = load_golden("sfc_weights")
-    return {
-        key[2:]: torch.from_numpy(data[key].astype(np.float32) * data["scale/" + key[2:]])
-        for key in data if key.startswith("q/")
-    }
-
-
 def golden_model() -> SFCNet:
-    """A ResNet-50 SFC network holding the reference weights, in float32 on CPU."""
-    state = golden_state_dict()
-    model = SFCNet(num_classes=20, backbone="resnet50")
-    model.backbone.load_torchvision_state_dict(
-        {key.removeprefix("resnet50."): value for key, value in state.items() if key.startswith("resnet50.")}
-    )
-    heads = {key: value for key, value in state.items() if not key.startswith("resnet50.")}
-    missing, unexpected = model.load_state_dict(heads, strict=False)
-    assert not unexpected and all(k.startswith("backbone.") for k in missing)
-    return model
+    """A ResNet-50 SFC network holding the reference weights, float32 on CPU."""
+    return load_reference_weights(SFCNet(num_classes=20, backbone="resnet50"), GOLDEN_DIR / "sfc_weights.npz")
