@@ -57,3 +57,16 @@ def test_sweep_matches_single_thresholds_and_finds_best():
         cm.update(target, threshold_labels(fg, t))
         assert math.isclose(cm.scores(NAMES)["miou"], miou)
     assert results["best_threshold"] == results["thresholds"][int(np.argmax(results["miou"]))]
+
+
+def test_report_table_and_mlflow_metrics():
+    from storage.reports import class_metrics, format_table
+
+    cm = ConfusionMatrix(3)
+    cm.update(np.array([0, 1, 1]), np.array([0, 1, 0]))
+    scores = cm.scores(NAMES)
+    table = format_table(scores, title="val")
+    assert table.splitlines()[0] == "val" and "b" in table and "   -  " in table
+    assert "mIoU" in table.splitlines()[-1]
+    metrics = class_metrics(scores, "val_cam")
+    assert metrics["val_cam/iou/a"] == 0.5 and "val_cam/iou/b" not in metrics
