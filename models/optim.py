@@ -24,5 +24,6 @@ def poly_sgd(
         [{"params": backbone, "lr": lr}, {"params": new, "lr": lr * new_layer_lr_mult}],
         lr=lr, momentum=momentum, weight_decay=weight_decay,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (1 - min(step, max_steps) / max_steps) ** power)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: (1 - min(step, max_steps) / max_steps) ** power)
     return optimizer, scheduler

@@ -76,7 +76,8 @@ class TrainCamConfig(BaseModel):
     checkpoint_every: int = Field(300, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)
-    validate_every: int = Field(0, ge=0, description="single-scale CAM mIoU on the val split every N steps; 0: end only")
+    validate_every: int = Field(
+        0, ge=0, description="single-scale CAM mIoU on the val split every N steps; 0: at the end only")
     val_max_images: int | None = Field(None, ge=1)
     selection: Literal["final", "best_gt"] = Field(
         "final", description="best_gt: keep the checkpoint with the best val mIoU (uses ground truth; deviation)")
@@ -232,8 +233,9 @@ def train_cam(
                         num_workers=cfg.num_workers, pin_memory=torch_device.type == "cuda",
                         persistent_workers=False)
     val_split = load_split_file(val_split_url) if val_split_url else None
-    meta = {"backbone": cfg.backbone, "num_classes": split.num_classes, "class_names": list(split.class_names),
-            "trainable_from": cfg.trainable_from, "bg_seed_scale": cfg.bg_seed_scale, "norm": cfg.norm, "config_hash": cfg_hash}
+    meta = {"backbone": cfg.backbone, "norm": cfg.norm, "trainable_from": cfg.trainable_from,
+            "bg_seed_scale": cfg.bg_seed_scale, "num_classes": split.num_classes,
+            "class_names": list(split.class_names), "config_hash": cfg_hash}
     best_score, best_url = -1.0, fs.join(out_dir, BEST)
     started, images_seen = time.perf_counter(), 0
     losses_first = losses_last = None

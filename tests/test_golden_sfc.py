@@ -55,3 +55,14 @@ def test_golden_inference_per_scale(model, scale):
         out = model.forward_cams(torch.from_numpy(data[f"input_s{scale}"]), label)
     assert_close(out.cam, data[f"cam_s{scale}"])
     assert_close(out.proto_cam, data[f"proto_s{scale}"])
+
+
+def test_golden_inference_fused(model):
+    from models.cam_inference import DEFAULT_SCALES, multiscale_cams
+
+    data = load_golden("sfc_inference")
+    pairs = [torch.from_numpy(data[f"input_s{s}"]) for s in DEFAULT_SCALES]
+    keys, proto, cam = multiscale_cams(model, pairs, torch.from_numpy(data["labels"]), data["cam"].shape[1:])
+    assert keys.tolist() == data["keys"].tolist()
+    assert_close(proto, data["proto_cam"])
+    assert_close(cam, data["cam"])
