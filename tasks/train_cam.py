@@ -36,6 +36,7 @@ MANIFEST = "train_cam.json"
 FINAL = "final.pt"
 BEST = "best.pt"
 VAL_SCORES = "val_scores.json"
+LOSS_WINDOW = 20  # steps averaged for the first/last losses of the manifest
 
 
 class IBRConfig(BaseModel):
@@ -238,7 +239,7 @@ def train_cam(
             "class_names": list(split.class_names), "config_hash": cfg_hash}
     best_score, best_url = -1.0, fs.join(out_dir, BEST)
     started, images_seen = time.perf_counter(), 0
-    losses_first = losses_last = None
+    history: list[dict[str, float]] = []
     progress = tqdm(total=total_steps, initial=start_step, desc="train_cam", unit="step", dynamic_ncols=True)
     for step, batch in zip(range(start_step, total_steps), loader):
         images, valid, labels = batch["image"], batch["valid"], batch["label"]
@@ -259,8 +260,7 @@ def train_cam(
         scheduler.step()
         images_seen += images.shape[0]
         values = losses.as_floats()
-        losses_first = losses_first or values
-        losses_last = values
+        history.append(values)
         progress.update(1)
         progress.set_postfix(loss=f"{values['loss']:.4f}")
         done = step + 1
@@ -286,7 +286,7 @@ def train_cam(
         "config_hash": cfg_hash, "steps": total_steps, "final_checkpoint": final_url, "checkpoint": final_url,
         "class_weights": dict(zip(split.class_names[1:], class_weights.tolist())),
         "train_seconds": seconds, "images_per_second": images_seen / seconds if seconds > 0 else None,
-        "first_losses": losses_first, "last_losses": losses_last,
+        "first_losses": _mean_losses(history[:LOSS_WINDOW]), "last_losses": _mean_losses(history[-LOSS_WINDOW:]),
     }
     if val_split is not None:
         best_score = _validate(model, val_split, torch_device, cfg, tracker, total_steps, best_score, best_url, meta)
@@ -298,6 +298,13 @@ def train_cam(
     fs.write_text(manifest_url, json.dumps(manifest, indent=2))
     tracker.log_dict(manifest, "train_cam/manifest.json")
     return manifest
+
+
+def _mean_losses(values: list[dict[str, float]]) -> dict[str, float] | None:
+    """Mean of each loss term over a window of steps (single steps are noisy)."""
+    if not values:
+        return None
+    return {key: float(np.mean([v[key] for v in values])) for key in values[0]}
 
 
 def _save_model(url: str, model: SFCNet, meta: dict, step: int) -> None:
