@@ -11,6 +11,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from storage import fs
+from tasks.eval_cam import EvalCamConfig
+from tasks.infer_cams import InferCamConfig
 from tasks.prepare_data import DataConfig
 from tasks.train_cam import TrainCamConfig
 
@@ -56,6 +58,8 @@ class PipelineConfig(BaseModel):
     tracking: TrackingConfig = TrackingConfig()
     data: DataConfig
     train_cam: TrainCamConfig = TrainCamConfig()
+    infer_cams: InferCamConfig = InferCamConfig()
+    eval_cam: EvalCamConfig = EvalCamConfig()
 
     @property
     def run_dir(self) -> str:

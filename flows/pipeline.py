@@ -14,12 +14,14 @@ from prefect.runtime import flow_run
 from flows.config import PipelineConfig, load_config
 from storage import fs
 from storage.tracking import Tracker, open_tracker
+from tasks.eval_cam import eval_cam_task
+from tasks.infer_cams import infer_cams_task
 from tasks.prepare_data import prepare_data_task
 from tasks.train_cam import train_cam_task
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prepare_data", "train_cam")
+STAGES = ("prepare_data", "train_cam", "infer_cams", "eval_cam")
 
 
 def git_commit() -> str:
@@ -64,6 +66,13 @@ def sfc_pipeline(config: dict) -> dict:
             splits = manifests["prepare_data"]["splits"]
             manifests["train_cam"] = train_cam_task(cfg.train_cam, splits["train"], splits["val"],
                                                     fs.join(run_dir, "train_cam"), cfg.run.seed, cfg.run.device, t)
+        with stage_run(tracker, "infer_cams") as t:
+            manifests["infer_cams"] = infer_cams_task(cfg.infer_cams, manifests["train_cam"]["checkpoint"],
+                                                      [splits["train"], splits["val"]], fs.join(run_dir, "cams.zarr"),
+                                                      cfg.run.device, None, t)
+        with stage_run(tracker, "eval_cam") as t:
+            manifests["eval_cam"] = eval_cam_task(cfg.eval_cam, manifests["infer_cams"]["store"], splits["val"],
+                                                  fs.join(run_dir, "metrics"), t)
     except BaseException:
         tracker.finish("FAILED")
         raise

@@ -27,10 +27,13 @@ class ThresholdSweep:
         self.thresholds = tuple(thresholds)
         self.matrices = [ConfusionMatrix(num_classes) for _ in self.thresholds]
 
-    def update(self, target: torch.Tensor, foreground: torch.Tensor) -> None:
-        """``target`` (H, W) ground truth; ``foreground`` (C, H, W) scores, zero for absent classes."""
+    def update(self, target: torch.Tensor, foreground: torch.Tensor, keys: torch.Tensor | None = None) -> None:
+        """``target`` (H, W) ground truth; ``foreground`` (C', H, W) scores. Without ``keys`` channel c is class
+        c + 1; with ``keys`` (background + the classes of the channels, as stored CAMs have) channel c is class
+        ``keys[c + 1]``."""
         for threshold, matrix in zip(self.thresholds, self.matrices):
-            matrix.update(target, threshold_labels(foreground, threshold))
+            labels = threshold_labels(foreground, threshold)
+            matrix.update(target, labels if keys is None else keys[labels])
 
     def results(self, class_names: Sequence[str]) -> dict:
         """The mIoU curve, the best threshold and the full scores at that threshold."""

@@ -1,6 +1,7 @@
 """Checkpoints and pretrained weights: torch state dicts read and written through fsspec, atomically."""
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 
@@ -19,12 +20,19 @@ def save(url: str, state: dict) -> None:
 
 
 def load(url: str, weights_only: bool = True) -> dict:
+    return load_with_digest(url, weights_only)[0]
+
+
+def load_with_digest(url: str, weights_only: bool = True) -> tuple[dict, str]:
+    """The checkpoint at ``url`` and a short SHA-256 of its bytes (to tie outputs to the exact weights)."""
     if not fs.exists(url):
         raise FileNotFoundError(f"checkpoint {url} not found")
+    data = fs.read_bytes(url)
     try:
-        return torch.load(fs.open_binary(url), map_location="cpu", weights_only=weights_only)
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
     except Exception as err:  # torch raises many types for corrupt files
         raise ValueError(f"{url}: not a readable torch checkpoint ({err})") from err
+    return state, hashlib.sha256(data).hexdigest()[:16]
 
 
 def step_url(directory: str, step: int) -> str:

@@ -46,7 +46,7 @@ def test_flow_is_tracked_in_mlflow(finished_run):
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_stage = {run.data.tags["sfc.stage"]: run for run in children}
-    assert set(by_stage) == {"prepare_data", "train_cam"}
+    assert set(by_stage) == {"prepare_data", "train_cam", "infer_cams", "eval_cam"}
     train = by_stage["train_cam"]
     assert [m.step for m in client.get_metric_history(train.info.run_id, "loss")] == [1, 2, 3]
     assert "lr_backbone" in train.data.metrics and "images_per_second" in train.data.metrics
@@ -72,3 +72,23 @@ def test_cli_make_synthetic(tmp_path):
     assert json.loads(ok.output)["num_images"] == 12
     bad = runner.invoke(main, ["make-synthetic", "--out", str(tmp_path / "t"), "--num-images", "3"])
     assert bad.exit_code != 0 and "num_images" in bad.output
+
+
+def test_flow_writes_cam_store_and_evaluation(finished_run):
+    from mlflow.tracking import MlflowClient
+
+    from storage.cam_store import CamStore
+
+    cfg, summary = finished_run
+    run_dir = summary["run_dir"]
+    store = CamStore.open(f"{run_dir}/cams.zarr")
+    assert len(store) == summary["stages"]["infer_cams"]["images"] > 0
+    results = json.loads(fs.read_text(f"{run_dir}/metrics/cam_eval.json"))
+    assert {"P", "K", "K+0.3P", "K+0.7P", "P (reference rule)"} <= set(results["variants"])
+    assert len(results["variants"]["K"]["miou"]) == 19
+    client = MlflowClient(cfg.tracking_uri())
+    children = client.search_runs([client.get_run(summary["mlflow_run_id"]).info.experiment_id],
+                                  "tags.`sfc.stage` = 'eval_cam'")
+    artifacts = [a.path for a in client.list_artifacts(children[0].info.run_id, "cam_eval")]
+    assert "cam_eval/miou_vs_threshold.png" in artifacts and "cam_eval/per_class_iou.png" in artifacts
+    assert "cam_eval/K/miou" in children[0].data.metrics

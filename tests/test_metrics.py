@@ -70,3 +70,11 @@ def test_report_table_and_mlflow_metrics():
     assert "mIoU" in table.splitlines()[-1]
     metrics = class_metrics(scores, "val_cam")
     assert metrics["val_cam/iou/a"] == 0.5 and "val_cam/iou/b" not in metrics
+
+
+def test_sweep_maps_channels_through_keys():
+    target = torch.tensor([[0, 7], [7, 3]])
+    fg = torch.tensor([[[0.0, 0.9], [0.8, 0.1]], [[0.0, 0.1], [0.2, 0.7]]])
+    sweep = ThresholdSweep(8, thresholds=(0.5,))
+    sweep.update(target, fg, keys=torch.tensor([0, 7, 3]))
+    assert sweep.results([str(i) for i in range(8)])["miou"] == [1.0]

@@ -1,0 +1,143 @@
+"""Stage 2a: multi-scale + flip CAM inference of the trained network into the run's Zarr CAM store."""
+from __future__ import annotations
+
+import logging
+import re
+import time
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from models.cam_inference import DEFAULT_SCALES, multiscale_cams
+from models.sfc import SFCNet
+from storage import checkpoints
+from storage.cam_store import CamStore
+from storage.datasets.cam_inference import MultiScaleSet
+from storage.datasets.split_files import load_split_file
+from storage.datasets.voc_layout import Split
+from storage.tracking import Tracker
+from tasks.train_cam import config_hash, resolve_device
+
+log = logging.getLogger(__name__)
+
+_SHARD = re.compile(r"^(\d+)/(\d+)$")
+
+
+class InferCamConfig(BaseModel):
+    """CAM inference (method doc section 6)."""
+
+    model_config = ConfigDict(extra="forbid")
+    scales: tuple[float, ...] = DEFAULT_SCALES
+    num_workers: int = Field(2, ge=0)
+    amp: bool = Field(False, description="fp16 autocast on CUDA (parity tests and CPU runs use fp32)")
+    compressor: str = "blosc-lz4"
+
+    @field_validator("scales")
+    @classmethod
+    def _positive_scales(cls, scales: tuple[float, ...]) -> tuple[float, ...]:
+        if not scales or any(s <= 0 for s in scales):
+            raise ValueError(f"scales must be a non-empty list of positive numbers, got {list(scales)}")
+        return scales
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """'i/n' -> (i, n), with 0 <= i < n; None -> (0, 1)."""
+    if shard is None:
+        return 0, 1
+    match = _SHARD.match(shard)
+    if not match or not int(match.group(1)) < int(match.group(2)):
+        raise ValueError(f"shard must look like i/n with 0 <= i < n, got {shard!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def union_of_splits(splits: list[Split]) -> Split:
+    """One split holding every image of ``splits`` once (first occurrence wins)."""
+    first = splits[0]
+    seen: set[str] = set()
+    ids, rows, masks = [], [], {}
+    for split in splits:
+        if split.class_names != first.class_names:
+            raise ValueError(f"splits {first.name!r} and {split.name!r} have different classes")
+        for row, image_id in enumerate(split.ids):
+            if image_id not in seen:
+                seen.add(image_id)
+                ids.append(image_id)
+                rows.append(split.labels[row])
+        masks.update(split.mask_urls)
+    return Split(first.root, "+".join(s.name for s in splits), first.class_names, ids, np.stack(rows), masks)
+
+
+def load_cam_network(checkpoint_url: str, class_names: tuple[str, ...]) -> tuple[SFCNet, str]:
+    """The trained network of a ``final.pt``/``best.pt`` checkpoint and the hash of the checkpoint's bytes.
+
+    A checkpoint for other classes or another architecture is a clear error naming the file.
+    """
+    state, digest = checkpoints.load_with_digest(checkpoint_url)
+    meta = state.get("meta")
+    if not isinstance(meta, dict) or "model" not in state:
+        raise ValueError(f"{checkpoint_url}: not a CAM network checkpoint (no 'model' and 'meta')")
+    if tuple(meta["class_names"]) != tuple(class_names):
+        raise ValueError(f"{checkpoint_url} was trained for {len(meta['class_names']) - 1} classes "
+                         f"({', '.join(meta['class_names'][1:4])}, ...), the dataset has {len(class_names) - 1}")
+    model = SFCNet(len(class_names) - 1, meta["backbone"], meta["trainable_from"], meta["bg_seed_scale"],
+                   meta.get("norm", "frozen"))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise ValueError(f"{checkpoint_url} does not match a {meta['backbone']} SFC network: {err}") from None
+    return model.eval(), digest
+
+
+def infer_cams(
+    cfg: InferCamConfig,
+    checkpoint_url: str,
+    split_urls: list[str],
+    store_url: str,
+    device: str = "auto",
+    shard: str | None = None,
+    tracker: Tracker | None = None,
+) -> dict:
+    """Write the fused P and K CAMs of every image of ``split_urls`` into the store at ``store_url``.
+
+    Images already complete in the store are skipped (resume); ``shard='i/n'`` processes every n-th image
+    starting at i, so several processes can share the work.
+    """
+    tracker = tracker or Tracker.null()
+    index, count = parse_shard(shard)
+    split = union_of_splits([load_split_file(url) for url in split_urls])
+    model, checkpoint_hash = load_cam_network(checkpoint_url, split.class_names)
+    torch_device = resolve_device(device)
+    model.to(torch_device)
+    cfg_hash = config_hash(cfg.model_copy(update={"num_workers": 0}))
+    store = CamStore.create(store_url, cfg_hash, checkpoint_hash, split.class_names, compressor=cfg.compressor)
+    mine = split.ids[index::count]
+    done = store.completed_ids()
+    todo = [i for i in mine if i not in done]
+    log.info("CAM inference: %d images in shard %d/%d, %d already in the store", len(mine), index, count,
+             len(mine) - len(todo))
+    loader = DataLoader(MultiScaleSet(split, todo, cfg.scales), batch_size=None, num_workers=cfg.num_workers)
+    use_amp = cfg.amp and torch_device.type == "cuda"
+    started = time.perf_counter()
+    for item in tqdm(loader, total=len(todo), desc="infer_cams", unit="img", dynamic_ncols=True):
+        pairs = [p.to(torch_device, non_blocking=True) for p in item["pairs"]]
+        with torch.autocast(torch_device.type, enabled=use_amp):
+            keys, proto, cam = multiscale_cams(model, pairs, item["label"].to(torch_device), tuple(item["size"]))
+        store.write(item["id"], keys.cpu().numpy(), proto.float().cpu().numpy(), cam.float().cpu().numpy())
+    seconds = time.perf_counter() - started
+    manifest = {
+        "store": store_url, "images": len(mine), "written": len(todo), "shard": f"{index}/{count}",
+        "config_hash": cfg_hash, "checkpoint_hash": checkpoint_hash, "seconds": seconds,
+        "images_per_second": len(todo) / seconds if todo and seconds > 0 else None,
+    }
+    tracker.log_params({"infer_cams": cfg.model_dump(mode="json"), "checkpoint": checkpoint_url})
+    tracker.log_metrics({"images": len(mine), "written": len(todo), "seconds": seconds,
+                         "images_per_second": manifest["images_per_second"] or 0.0})
+    return manifest
+
+
+infer_cams_task = task(infer_cams, name="infer_cams", cache_policy=NO_CACHE)
