@@ -355,8 +355,10 @@ def main() -> None:
     warm_image = decode(jpegs[0])
     with torch.inference_mode():
         label_bg = torch.cat([torch.ones(1), torch.from_numpy(labels[0])]).to(device)
-        for net, layout in ((model, torch.contiguous_format),
-                            (project_model, torch.channels_last if cuda else torch.contiguous_format)):
+        nets = [(model, torch.contiguous_format)]
+        if project_model is not model:
+            nets.append((project_model, torch.channels_last))
+        for net, layout in nets:
             for scale in scales:
                 pair = scaled_pair(warm_image, scale).to(device).contiguous(memory_format=layout)
                 net.forward_cams(pair, label_bg)
