@@ -52,6 +52,8 @@ class TrainCamConfig(BaseModel):
     """CAM training (method doc sections 3-5); defaults are the reference's."""
 
     model_config = ConfigDict(extra="forbid")
+    method: Literal["sfc", "baseline"] = Field(
+        "sfc", description="baseline: classification loss only, no consistency terms, no image bank")
     backbone: Literal[BACKBONES] = "resnet50"  # type: ignore[valid-type]
     weights: str | None = Field(None, description="torchvision-format backbone state dict (path or fsspec URL)")
     trainable_from: int = Field(3, ge=0, le=4, description="first trainable backbone stage (3: layer3)")
@@ -210,9 +212,10 @@ def train_cam(
     optimizer, scheduler = poly_sgd(model.parameter_groups(), cfg.lr, cfg.new_layer_lr_mult, cfg.weight_decay,
                                     cfg.momentum, total_steps, cfg.poly_power)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    sfc = cfg.method == "sfc"
     bank = ImageBank(split.num_classes, cfg.crop, cfg.ibr.n_resample, cfg.ibr.skip_empty_slots, seed) \
-        if cfg.ibr.enabled else None
-    loss_weights = LossWeights(cfg.loss_proto_weight, cfg.loss_scale_weight)
+        if sfc and cfg.ibr.enabled else None
+    loss_weights = LossWeights(cfg.loss_proto_weight, cfg.loss_scale_weight) if sfc else LossWeights(0.0, 0.0)
 
     ckpt_dir = fs.join(out_dir, "checkpoints")
     start_step = 0

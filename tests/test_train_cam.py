@@ -90,3 +90,9 @@ def test_checkpoint_from_other_config_is_refused(splits, tmp_path, monkeypatch):
 def test_best_gt_selection_is_opt_in(splits, tmp_path):
     manifest = _run(splits, tmp_path / "best", max_steps=2, selection="best_gt")
     assert manifest["checkpoint"].endswith("best.pt") and fs.exists(manifest["checkpoint"])
+
+
+def test_baseline_trains_without_consistency_terms_or_bank(splits, tmp_path):
+    manifest = _run(splits, tmp_path / "baseline", max_steps=2, method="baseline")
+    assert manifest["last_losses"]["loss_proto"] == 0 and manifest["last_losses"]["loss_scale"] == 0
+    assert manifest["first_losses"]["loss"] == manifest["first_losses"]["loss_cls"]
