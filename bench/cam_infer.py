@@ -26,20 +26,22 @@ The numeric core imports only torch, numpy and PIL (zarr/fsspec optional), so it
     python bench/cam_infer.py --device cpu          # 16 images of 96-160 px, 1 worker, fp32
     python bench/cam_infer.py --device cuda --images 50 --workers 4 --no-amp --out /tmp/x.json
 
-Results go to bench/results/cam_infer-<cpu|gpu>.json and are printed. One timed run of each path after a shared,
-untimed warm-up of every scale. The reference path is profiled by stage (resize+normalise, forward incl. the host
+Results go to bench/results/cam_infer-<cpu|gpu>.json and are printed. One timed run of each path, each in its own
+subprocess (no path inherits another's warm oneDNN / cuDNN caches) after an untimed warm-up on the first image at
+every scale. Image sizes are VOC-like by default (``--sizes voc``: mostly the 4:3 shape at the long side, see
+``draw_size``); ``--sizes uniform`` draws H and W independently, so every image is a new shape. The reference path is profiled by stage (resize+normalise, forward incl. the host
 copy, fuse, save) and the project path by where its main loop waits (loader, compute, writer) to show where the
 time goes.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import io
 import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -77,13 +79,25 @@ TARGET_SPEEDUP = {"cuda": 3.0, "cpu": 1.3}
 
 
 # ---------------------------------------------------------------------------------------------- images and labels
-def make_images(n: int, low: int, high: int, seed: int = 0) -> tuple[list[bytes], np.ndarray]:
-    """``n`` deterministic synthetic JPEGs (smooth colour field, 1-4 flat ellipses, mild noise) of H, W uniform in
-    [low, high], and (n, 20) float32 multi-hot labels with 1-3 present classes each."""
+def draw_size(rng: np.random.Generator, low: int, high: int, sizes: str) -> tuple[int, int]:
+    """(H, W) in [low, high]. "uniform": H and W independently uniform. "voc": like VOC, whose images are mostly
+    500 x 375 (landscape) or 375 x 500 (portrait): 60 % get that 4:3 shape at the long side ``high`` (70 % of those
+    landscape), the rest are uniform. Repeated shapes matter on the CPU: oneDNN builds its convolution primitives
+    per input shape, and a first call at a new shape costs several times a repeated one."""
+    if sizes == "voc" and rng.random() < 0.6:
+        long_side, short_side = high, max(low, round(high * 0.75))
+        return (short_side, long_side) if rng.random() < 0.7 else (long_side, short_side)
+    height, width = rng.integers(low, high + 1, size=2)
+    return int(height), int(width)
+
+
+def make_images(n: int, low: int, high: int, seed: int = 0, sizes: str = "voc") -> tuple[list[bytes], np.ndarray]:
+    """``n`` deterministic synthetic JPEGs (smooth colour field, 1-4 flat ellipses, mild noise) with sizes from
+    :func:`draw_size`, and (n, 20) float32 multi-hot labels with 1-3 present classes each."""
     rng = np.random.default_rng(seed)
     jpegs, labels = [], np.zeros((n, NUM_CLASSES), dtype=np.float32)
     for index in range(n):
-        height, width = (int(v) for v in rng.integers(low, high + 1, size=2))
+        height, width = draw_size(rng, low, high, sizes)
         coarse = rng.integers(0, 256, size=(int(rng.integers(3, 8)), int(rng.integers(3, 8)), 3), dtype=np.uint8)
         array = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC)).astype(np.float32)
         yy, xx = np.mgrid[:height, :width]
@@ -317,6 +331,53 @@ def directory_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def open_sink(directory: Path, kind: str):
+    """Re-open a project path's output for the comparison (in the parent process)."""
+    return ZarrSink(directory) if kind == ZarrSink.kind else NpzSink(directory)
+
+
+# ---------------------------------------------------------------------------------------------- one path per process
+def warm_up(model: SFCNet, jpeg: bytes, label: np.ndarray, scales: tuple[float, ...], device: torch.device,
+            channels_last: bool, amp: bool) -> None:
+    """Untimed forward of the first image at every scale (allocator, cuDNN / oneDNN primitives, thread pools)."""
+    image = decode(jpeg)
+    label_bg = torch.cat([torch.ones(1), torch.from_numpy(label)]).to(device)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda"
+                                                else torch.bfloat16, enabled=amp):
+        for scale in scales:
+            model.forward_cams(scaled_pair(image, scale).to(device).contiguous(memory_format=layout), label_bg)
+    synchronize(device)
+
+
+def run_role(args: argparse.Namespace) -> dict:
+    """One path (``args.role``) in this process, so that no path inherits another's warm caches."""
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    scales = tuple(DEFAULT_SCALES)
+    torch.set_flush_denormal(True)
+    torch.manual_seed(args.seed)
+    jpegs, labels = make_images(args.images, args.min_size, args.max_size, args.seed, args.sizes)
+    model = load_reference_weights(SFCNet(NUM_CLASSES, "resnet50"), GOLDEN_WEIGHTS).to(device).eval()
+    workdir = Path(args.workdir)
+    load_before = os.getloadavg()
+    if args.role == "reference":
+        warm_up(model, jpegs[0], labels[0], scales, device, channels_last=False, amp=False)
+        result = run_reference(model, jpegs, labels, scales, device, ReferenceSink(workdir / args.role))
+    else:
+        amp = args.role == "project" and args.amp
+        if cuda:
+            model = model.to(memory_format=torch.channels_last)
+        warm_up(model, jpegs[0], labels[0], scales, device, channels_last=cuda, amp=amp)
+        sink = project_sink(workdir / args.role, args.npz)
+        result = run_project(model, jpegs, labels, scales, device, args.workers, amp, cuda, sink)
+        result["storage"] = sink.kind
+    result["output_bytes"] = directory_bytes(workdir / args.role)
+    result["load_average_before_after"] = [load_before[0], os.getloadavg()[0]]
+    result["torch_threads"] = torch.get_num_threads()
+    return result
+
+
 # ---------------------------------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -324,93 +385,75 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=None, help="default 100 on GPU, 16 on CPU")
     parser.add_argument("--min-size", type=int, default=None, help="smallest H/W; default 300 on GPU, 96 on CPU")
     parser.add_argument("--max-size", type=int, default=None, help="largest H/W; default 500 on GPU, 160 on CPU")
+    parser.add_argument("--sizes", choices=["voc", "uniform"], default="voc",
+                        help="image size distribution (see draw_size); default voc-like")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers; default 2 on GPU, 1 on CPU")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="autocast (fp16 on CUDA, bf16 on CPU) for the project path; default on for GPU only")
     parser.add_argument("--npz", action="store_true", help="force the np.savez float16 fallback instead of Zarr")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--role", choices=["reference", "project", "project_fp32"], help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
-    n = args.images or (100 if cuda else 16)
-    low, high = args.min_size or (300 if cuda else 96), args.max_size or (500 if cuda else 160)
-    workers = args.workers if args.workers is not None else (2 if cuda else 1)
-    amp = cuda if args.amp is None else args.amp
-    device = torch.device(args.device)
-    scales = tuple(DEFAULT_SCALES)
-    torch.set_flush_denormal(True)
-    torch.manual_seed(args.seed)
     if not GOLDEN_WEIGHTS.exists():
         raise SystemExit(f"{GOLDEN_WEIGHTS} missing: the benchmark needs the reference weights")
+    args.images = args.images or (100 if cuda else 16)
+    args.min_size = args.min_size or (300 if cuda else 96)
+    args.max_size = args.max_size or (500 if cuda else 160)
+    args.workers = args.workers if args.workers is not None else (2 if cuda else 1)
+    args.amp = cuda if args.amp is None else args.amp
+    if args.role:
+        print(json.dumps(run_role(args)))
+        return
 
-    jpegs, labels = make_images(n, low, high, args.seed)
-    model = load_reference_weights(SFCNet(NUM_CLASSES, "resnet50"), GOLDEN_WEIGHTS).to(device).eval()
-    project_model = model
-    if cuda:  # channels_last copy for the project path; the reference keeps the plain NCHW model
-        project_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-
-    # Untimed warm-up of every scale for both models (allocator, cuDNN / oneDNN kernels, thread pools).
-    warm_image = decode(jpegs[0])
-    with torch.inference_mode():
-        label_bg = torch.cat([torch.ones(1), torch.from_numpy(labels[0])]).to(device)
-        nets = [(model, torch.contiguous_format)]
-        if project_model is not model:
-            nets.append((project_model, torch.channels_last))
-        for net, layout in nets:
-            for scale in scales:
-                pair = scaled_pair(warm_image, scale).to(device).contiguous(memory_format=layout)
-                net.forward_cams(pair, label_bg)
-                if amp:
-                    with torch.autocast(device.type, dtype=torch.float16 if cuda else torch.bfloat16):
-                        net.forward_cams(pair, label_bg)
-    synchronize(device)
-
+    roles = ["reference", "project"] + (["project_fp32"] if args.amp else [])
     tmp = Path(tempfile.mkdtemp(prefix="cam_infer_bench_"))
+    results: dict[str, dict] = {}
     try:
+        for role in roles:
+            cmd = [sys.executable, __file__, "--role", role, "--workdir", str(tmp), "--device", args.device,
+                   "--images", str(args.images), "--min-size", str(args.min_size), "--max-size", str(args.max_size),
+                   "--sizes", args.sizes, "--workers", str(args.workers), "--amp" if args.amp else "--no-amp",
+                   "--seed", str(args.seed)] + (["--npz"] if args.npz else [])
+            out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+            results[role] = json.loads(out.strip().splitlines()[-1])
+            print(f"{role}: {results[role]['images_per_second']:.3f} images/s", file=sys.stderr)
         reference_sink = ReferenceSink(tmp / "reference")
-        reference = run_reference(model, jpegs, labels, scales, device, reference_sink)
-        reference["output_bytes"] = directory_bytes(tmp / "reference")
-        print(f"reference: {reference['images_per_second']:.3f} images/s", file=sys.stderr)
-
-        runs = {}
-        for mode_amp in ([True, False] if amp else [False]):
-            name = "project" if mode_amp == amp else "project_fp32"
-            sink = project_sink(tmp / f"{name}.zarr", args.npz)
-            runs[name] = run_project(project_model, jpegs, labels, scales, device, workers, mode_amp, cuda, sink)
-            runs[name]["storage"] = sink.kind
-            runs[name]["output_bytes"] = directory_bytes(tmp / f"{name}.zarr")
-            runs[name]["vs_reference"] = compare(reference_sink, sink, n)
-            print(f"{name}: {runs[name]['images_per_second']:.3f} images/s, "
-                  f"max |diff| {runs[name]['vs_reference']['max_abs_diff']:.2e}", file=sys.stderr)
+        for role in roles[1:]:
+            results[role]["vs_reference"] = compare(reference_sink, open_sink(tmp / role, results[role]["storage"]),
+                                                    args.images)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    fp32_run = runs.get("project_fp32", runs["project"])
-    speedup = runs["project"]["images_per_second"] / reference["images_per_second"]
+    reference, project = results["reference"], results["project"]
+    fp32_run = results.get("project_fp32", project)
+    speedup = project["images_per_second"] / reference["images_per_second"]
     forward_share = reference["stage_share"]["forward_and_host_copy"]
     report = {
-        "device": torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine()),
-        "device_type": device.type,
+        "device": torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),
+        "device_type": args.device,
         "torch": torch.__version__, "numpy": np.__version__,
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "torch_threads": reference["torch_threads"], "cpu_count": os.cpu_count(),
         "tf32": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
         if cuda else None,
-        "settings": {"images": n, "size_range": [low, high], "scales": list(scales), "workers": workers,
-                     "amp": amp, "channels_last": cuda, "seed": args.seed, "weights": GOLDEN_WEIGHTS.name,
-                     "storage": runs["project"]["storage"],
-                     "camstore_import_error": _CAMSTORE_ERROR},
-        "reference": reference,
-        **runs,
+        "settings": {"images": args.images, "size_range": [args.min_size, args.max_size], "sizes": args.sizes,
+                     "scales": list(DEFAULT_SCALES), "workers": args.workers, "amp": args.amp,
+                     "channels_last": cuda, "seed": args.seed, "weights": GOLDEN_WEIGHTS.name,
+                     "storage": project["storage"], "camstore_import_error": _CAMSTORE_ERROR,
+                     "isolation": "each path in its own subprocess, warm-up on the first image at every scale"},
+        **results,
         "speedup": speedup,
         "speedup_fp32": fp32_run["images_per_second"] / reference["images_per_second"],
-        "target_speedup": TARGET_SPEEDUP[device.type],
-        "target_met": speedup >= TARGET_SPEEDUP[device.type],
+        "target_speedup": TARGET_SPEEDUP[args.device],
+        "target_met": speedup >= TARGET_SPEEDUP[args.device],
         "reference_forward_share": forward_share,
         "max_speedup_without_faster_forward": 1.0 / forward_share if forward_share > 0 else None,
         "max_abs_diff_fp32": fp32_run["vs_reference"]["max_abs_diff"],
-        "max_abs_diff_amp": runs["project"]["vs_reference"]["max_abs_diff"] if amp else None,
+        "max_abs_diff_amp": project["vs_reference"]["max_abs_diff"] if args.amp else None,
         "tolerance": TOLERANCE,
         "equal_within_tolerance": fp32_run["vs_reference"]["max_abs_diff"] <= TOLERANCE,
     }

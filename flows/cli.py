@@ -44,6 +44,25 @@ def run(config: str, overrides: tuple[str, ...]) -> None:
     click.echo(json.dumps({"run_dir": summary["run_dir"], "mlflow_run_id": summary["mlflow_run_id"]}, indent=2))
 
 
+@main.command("infer-cams")
+@click.option("--config", "-c", default="configs/synthetic.yaml", show_default=True, help=CONFIG_HELP)
+@click.option("--shard", default=None, help="i/n: process every n-th image starting at i (one process per GPU)")
+@click.argument("overrides", nargs=-1)
+def infer_cams(config: str, shard: str | None, overrides: tuple[str, ...]) -> None:
+    """Run CAM inference of a trained run outside the flow, e.g. one shard per GPU:
+    CUDA_VISIBLE_DEVICES=k sfc infer-cams -c CONFIG --shard k/N. The run's data and training stages must be done."""
+    cfg = _load(config, overrides)
+    from flows.pipeline import cam_store_url, stage_inputs
+    from tasks.infer_cams import infer_cams as run_inference
+
+    try:
+        checkpoint, split_urls = stage_inputs(cfg)
+        manifest = run_inference(cfg.infer_cams, checkpoint, split_urls, cam_store_url(cfg), cfg.run.device, shard)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(json.dumps(manifest, indent=2))
+
+
 @main.command("show-config")
 @click.option("--config", "-c", default="configs/synthetic.yaml", show_default=True, help=CONFIG_HELP)
 @click.argument("overrides", nargs=-1)

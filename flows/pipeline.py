@@ -17,6 +17,7 @@ from storage.tracking import Tracker, open_tracker
 from tasks.eval_cam import eval_cam_task
 from tasks.infer_cams import infer_cams_task
 from tasks.prepare_data import prepare_data_task
+from tasks.train_cam import MANIFEST as TRAIN_MANIFEST
 from tasks.train_cam import train_cam_task
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,20 @@ def git_commit() -> str:
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def cam_store_url(cfg: PipelineConfig) -> str:
+    return fs.join(cfg.run_dir, "cams.zarr")
+
+
+def stage_inputs(cfg: PipelineConfig) -> tuple[str, list[str]]:
+    """The trained checkpoint and the split files of a run whose data and training stages have finished."""
+    manifest_url = fs.join(cfg.run_dir, "train_cam", TRAIN_MANIFEST)
+    if not fs.exists(manifest_url):
+        raise FileNotFoundError(f"{manifest_url} not found: run the pipeline's training stage first")
+    checkpoint = json.loads(fs.read_text(manifest_url))["checkpoint"]
+    splits = [fs.join(cfg.run_dir, "splits", f"{name}.json") for name in (cfg.data.train_split, cfg.data.val_split)]
+    return checkpoint, splits
 
 
 @contextmanager
@@ -68,7 +83,7 @@ def sfc_pipeline(config: dict) -> dict:
                                                     fs.join(run_dir, "train_cam"), cfg.run.seed, cfg.run.device, t)
         with stage_run(tracker, "infer_cams") as t:
             manifests["infer_cams"] = infer_cams_task(cfg.infer_cams, manifests["train_cam"]["checkpoint"],
-                                                      [splits["train"], splits["val"]], fs.join(run_dir, "cams.zarr"),
+                                                      [splits["train"], splits["val"]], cam_store_url(cfg),
                                                       cfg.run.device, None, t)
         with stage_run(tracker, "eval_cam") as t:
             manifests["eval_cam"] = eval_cam_task(cfg.eval_cam, manifests["infer_cams"]["store"], splits["val"],

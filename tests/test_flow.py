@@ -21,13 +21,13 @@ def finished_run(tmp_path_factory, prefect_harness):
     from flows.pipeline import sfc_pipeline
 
     tmp = tmp_path_factory.mktemp("flow")
-    cfg = load_config("configs/synthetic.yaml",
-                      [*TINY, f"run.root={tmp / 'runs'}", f"data.root={tmp / 'data'}", "run.name=tiny"])
-    return cfg, sfc_pipeline(cfg.model_dump(mode="json"))
+    overrides = [*TINY, f"run.root={tmp / 'runs'}", f"data.root={tmp / 'data'}", "run.name=tiny"]
+    cfg = load_config("configs/synthetic.yaml", overrides)
+    return cfg, sfc_pipeline(cfg.model_dump(mode="json")), overrides
 
 
 def test_flow_writes_run_directory(finished_run):
-    cfg, summary = finished_run
+    cfg, summary, _ = finished_run
     run_dir = summary["run_dir"]
     assert yaml.safe_load(fs.read_text(f"{run_dir}/config.yaml"))["train_cam"]["max_steps"] == 3
     stats = json.loads(fs.read_text(f"{run_dir}/dataset_stats.json"))
@@ -38,7 +38,7 @@ def test_flow_writes_run_directory(finished_run):
 def test_flow_is_tracked_in_mlflow(finished_run):
     from mlflow.tracking import MlflowClient
 
-    cfg, summary = finished_run
+    cfg, summary, _ = finished_run
     client = MlflowClient(cfg.tracking_uri())
     parent = client.get_run(summary["mlflow_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.params["train_cam.max_steps"] == "3"
@@ -79,7 +79,7 @@ def test_flow_writes_cam_store_and_evaluation(finished_run):
 
     from storage.cam_store import CamStore
 
-    cfg, summary = finished_run
+    cfg, summary, _ = finished_run
     run_dir = summary["run_dir"]
     store = CamStore.open(f"{run_dir}/cams.zarr")
     assert len(store) == summary["stages"]["infer_cams"]["images"] > 0
@@ -92,3 +92,13 @@ def test_flow_writes_cam_store_and_evaluation(finished_run):
     artifacts = [a.path for a in client.list_artifacts(children[0].info.run_id, "cam_eval")]
     assert "cam_eval/miou_vs_threshold.png" in artifacts and "cam_eval/per_class_iou.png" in artifacts
     assert "cam_eval/K/miou" in children[0].data.metrics
+
+
+def test_cli_infer_cams_shard_skips_completed_images(finished_run):
+    cfg, summary, overrides = finished_run
+    result = CliRunner().invoke(main, ["infer-cams", "--config", "configs/synthetic.yaml", "--shard", "1/2",
+                                       *overrides])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.output[result.output.index("{"):])
+    assert manifest["shard"] == "1/2" and manifest["written"] == 0
+    assert manifest["images"] == summary["stages"]["infer_cams"]["images"] // 2

@@ -1,0 +1,340 @@
+"""SFC vs a plain CAM baseline on the synthetic long-tailed dataset: does SFC raise the tail classes' CAM IoU?
+
+Trains both methods with the same config and budget (only ``train_cam.method`` differs), runs multi-scale CAM
+inference and the CAM evaluation on the val split for each, and compares per-class IoU grouped by training-split
+frequency N_c:
+
+    .venv/bin/python bench/sfc_vs_baseline.py                       # the demo budget: 300 steps, seed 10
+    .venv/bin/python bench/sfc_vs_baseline.py --steps 600 --seed 11 --tag s600-seed11
+
+The plain stage functions are called directly (no Prefect, no MLflow). Everything a run produces lives under
+``--workdir`` (default runs/bench-sfc-vs-baseline/): one sub-folder per (method, steps, seed, config hash), so a
+rerun skips finished training (train_cam returns early on a matching manifest) and finished inference (the CAM
+store skips completed images). Results: bench/results/sfc_vs_baseline[-TAG].json and .png.
+
+Groups (classes ranked by the training-split N_c of dataset_stats.json, ties broken by VOC N_c, then name):
+head = the 5 most frequent, tail = the 5 least frequent, "shared-part rare" = the keys of SHARED_PARTS and
+"partners" = their frequent partners. Each variant is scored at its own best background threshold (best mIoU
+over all classes incl. background, the usual CAM-evaluation rule); group means are means of foreground IoUs.
+
+Diagnostics computed here besides the stage outputs:
+* R: the multi-scale raw classifier CAM (before PCM). The baseline never trains PCM's f9 nor the side heads, so
+  its K is its CAM propagated by an untrained affinity and its P is meaningless; R is the plain-CAM baseline in
+  the usual sense, and is given for both methods.
+* false activation: for each shared-part rare class r with partner p, over the val images that contain r and
+  whose label holds p, the fraction of r's ground-truth pixels labelled p (also: labelled r, labelled background).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.chdir(ROOT)  # the config's relative paths (data/synthetic) are relative to the repository root
+
+from flows.config import load_config  # noqa: E402
+from models.cam_eval import ThresholdSweep, threshold_labels  # noqa: E402
+from models.cam_inference import fuse_scales  # noqa: E402
+from models.metrics import ConfusionMatrix  # noqa: E402
+from storage import fs  # noqa: E402
+from storage.cam_store import CamStore  # noqa: E402
+from storage.datasets.cam_inference import MultiScaleSet  # noqa: E402
+from storage.datasets.split_files import load_split_file  # noqa: E402
+from storage.datasets.synthetic import SHARED_PARTS, SYNTHETIC_CLASSES  # noqa: E402
+from storage.images import read_mask  # noqa: E402
+from storage.plots import bar_chart_png  # noqa: E402
+from tasks.eval_cam import REFERENCE_RULE, RESULTS, eval_cam  # noqa: E402
+from tasks.infer_cams import infer_cams, load_cam_network  # noqa: E402
+from tasks.prepare_data import prepare_data  # noqa: E402
+from tasks.train_cam import config_hash, resolve_device, train_cam  # noqa: E402
+
+log = logging.getLogger("bench.sfc_vs_baseline")
+
+METHODS = ("baseline", "sfc")
+RAW = "R"
+GROUP_SIZE = 5
+# What each (method, variant) column means; the baseline's P comes from side heads that never received a gradient.
+NOTES = {
+    ("baseline", "K"): "classifier CAM after PCM; PCM's f9 is untrained in the baseline (random init)",
+    ("baseline", "P"): "MEANINGLESS: prototype CAM from side heads that receive no gradient in the baseline",
+    ("baseline", RAW): "raw classifier CAM, no PCM (the plain-CAM baseline in the usual sense; diagnostic)",
+    ("sfc", "K"): "PCM classifier CAM",
+    ("sfc", "P"): "prototype CAM",
+    ("sfc", RAW): "raw classifier CAM, no PCM (diagnostic)",
+}
+SFC_CANDIDATES = ("K", "P", "K+0.3P", "K+0.7P")
+
+
+def _nanmean(values: list[float]) -> float | None:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(finite)) if finite else None
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def class_groups(class_counts: dict[str, int]) -> tuple[list[str], dict[str, list[str]]]:
+    """Foreground classes sorted by N_c (most frequent first) and the head/tail/shared-part groups."""
+    voc = {c.name: c.voc_count for c in SYNTHETIC_CLASSES}
+    ranked = sorted(class_counts, key=lambda c: (-class_counts[c], -voc.get(c, 0), c))
+    partners = list(dict.fromkeys(SHARED_PARTS.values()))
+    groups = {
+        "head": ranked[:GROUP_SIZE],
+        "tail": ranked[-GROUP_SIZE:],
+        "shared_part_rare": list(SHARED_PARTS),
+        "shared_part_partners": partners,
+        "all_foreground": ranked,
+    }
+    return ranked, groups
+
+
+def load_val_cams(store_url: str, split) -> list[dict]:
+    """Every val image's mask, keys and stored P / K (background-trick encoded)."""
+    store = CamStore.open(store_url)
+    items = []
+    for image_id in split.ids:
+        keys, proto, cam = store.load(image_id)
+        mask = torch.from_numpy(read_mask(split.mask_url(image_id)).astype(np.int64))
+        items.append({"id": image_id, "mask": mask, "keys": torch.from_numpy(keys), "P": proto, "K": cam})
+    return items
+
+
+@torch.no_grad()
+def raw_cams(checkpoint_url: str, split, scales, device: str) -> dict[str, np.ndarray]:
+    """Multi-scale + flip raw classifier CAMs (before PCM), fused exactly as the stored P and K are."""
+    model, _ = load_cam_network(checkpoint_url, split.class_names)
+    torch_device = resolve_device(device)
+    model.to(torch_device)
+    out = {}
+    for item in MultiScaleSet(split, split.ids, scales):
+        label = item["label"].to(torch_device)
+        label_bg = torch.cat([label.new_ones(1), label])
+        maps = [model.forward_cams(pair.to(torch_device), label_bg).raw_cam for pair in item["pairs"]]
+        keys = torch.cat([torch.zeros(1, dtype=torch.long, device=torch_device), torch.nonzero(label).flatten() + 1])
+        out[item["id"]] = fuse_scales(maps, tuple(item["size"]))[keys].float().cpu().numpy()
+    return out
+
+
+def sweep(items: list[dict], variant: str, names, thresholds) -> dict:
+    s = ThresholdSweep(len(names), thresholds)
+    for it in items:
+        s.update(it["mask"], torch.from_numpy(it[variant][1:] / 2.0), it["keys"])
+    return s.results(names)
+
+
+def false_activation(items: list[dict], variant: str, threshold: float, names) -> dict:
+    """Per shared-part rare class r (partner p): where r's ground truth lies in images whose label holds p, the
+    fractions labelled p / r / background at ``threshold``; plus the whole-split confusion row of r."""
+    index = {n: i for i, n in enumerate(names)}
+    counts = {r: {"images": 0, "images_with_partner": 0, "pixels": 0, "as_partner": 0, "as_self": 0,
+                  "as_background": 0} for r in SHARED_PARTS}
+    for it in items:
+        labels = it["keys"][threshold_labels(torch.from_numpy(it[variant][1:] / 2.0), threshold)]
+        present = set(it["keys"].tolist())
+        for rare, partner in SHARED_PARTS.items():
+            r, p = index[rare], index[partner]
+            region = it["mask"] == r
+            if not bool(region.any()):
+                continue
+            c = counts[rare]
+            c["images"] += 1
+            if p not in present:
+                continue
+            pred = labels[region]
+            c["images_with_partner"] += 1
+            c["pixels"] += int(region.sum())
+            c["as_partner"] += int((pred == p).sum())
+            c["as_self"] += int((pred == r).sum())
+            c["as_background"] += int((pred == 0).sum())
+    out = {}
+    for rare, c in counts.items():
+        px = c["pixels"]
+        out[rare] = {"partner": SHARED_PARTS[rare], "val_images_with_class": c["images"],
+                     "val_images_with_partner_in_label": c["images_with_partner"], "pixels": px,
+                     "frac_as_partner": c["as_partner"] / px if px else None,
+                     "frac_as_self": c["as_self"] / px if px else None,
+                     "frac_as_background": c["as_background"] / px if px else None}
+    out["mean_frac_as_partner"] = _nanmean([v["frac_as_partner"] for v in out.values()
+                                            if isinstance(v, dict) and v["frac_as_partner"] is not None])
+    return out
+
+
+def run_method(method: str, args, data_manifest: dict) -> dict:
+    overrides = [f"train_cam.max_steps={args.steps}", f"train_cam.method={method}", *args.override]
+    cfg = load_config(args.config, overrides)
+    train_url, val_url = data_manifest["splits"]["train"], data_manifest["splits"]["val"]
+    digest = config_hash(cfg.train_cam, str(args.seed))[:8]
+    mdir = fs.join(args.workdir, f"{method}-steps{args.steps}-seed{args.seed}-{digest}")
+    timings = {}
+    t = time.perf_counter()
+    train = train_cam(cfg.train_cam, train_url, val_url, fs.join(mdir, "train_cam"), args.seed, args.device)
+    timings["train_cam_s"] = time.perf_counter() - t
+    store_url = fs.join(mdir, "cams.zarr")
+    t = time.perf_counter()
+    infer_cams(cfg.infer_cams, train["checkpoint"], [val_url], store_url, args.device)
+    timings["infer_cams_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    eval_cam(cfg.eval_cam, store_url, val_url, fs.join(mdir, "eval"))
+    timings["eval_cam_s"] = time.perf_counter() - t
+    evaluation = json.loads(fs.read_text(fs.join(mdir, "eval", RESULTS)))
+
+    split = load_split_file(val_url)
+    names = split.class_names
+    items = load_val_cams(store_url, split)
+    variants = {v: r for v, r in evaluation["variants"].items()}
+    if not args.no_raw:
+        t = time.perf_counter()
+        raw = raw_cams(train["checkpoint"], split, cfg.infer_cams.scales, args.device)
+        for it in items:
+            it[RAW] = raw[it["id"]]
+        variants[RAW] = sweep(items, RAW, names, cfg.eval_cam.thresholds)
+        timings["raw_cams_s"] = time.perf_counter() - t
+    fa = {v: false_activation(items, v, r["best_threshold"], names)
+          for v, r in variants.items() if "best_threshold" in r}
+    return {"method": method, "dir": mdir, "checkpoint": train["checkpoint"], "train_manifest": train,
+            "timings": timings, "variants": variants, "false_activation": fa,
+            "val_class_images": {n: int(split.labels[:, i - 1].sum()) for i, n in enumerate(names) if i}}
+
+
+def summarise(runs: dict, class_counts: dict, args) -> dict:
+    ranked, groups = class_groups(class_counts)
+    table, group_means, miou = {}, {}, {}
+    for method, run in runs.items():
+        for variant, r in run["variants"].items():
+            column = f"{method} {variant}"
+            per_class = r["best"]["per_class"]
+            table[column] = {c: per_class[c]["iou"] for c in ranked}
+            group_means[column] = {g: _nanmean([per_class[c]["iou"] for c in cs]) for g, cs in groups.items()}
+            miou[column] = {"miou_incl_background": r["best"]["miou"], "best_threshold": r.get("best_threshold"),
+                            "note": NOTES.get((method, variant), "")}
+    sfc_pick = max(SFC_CANDIDATES, key=lambda v: runs["sfc"]["variants"][v]["best"]["miou"])
+    base = group_means["baseline K"]
+    comparisons = {}
+    for sfc_variant in (*SFC_CANDIDATES, REFERENCE_RULE, *([RAW] if RAW in runs["sfc"]["variants"] else [])):
+        for base_variant in ("K", *([RAW] if RAW in runs["baseline"]["variants"] else [])):
+            s, b = group_means[f"sfc {sfc_variant}"], group_means[f"baseline {base_variant}"]
+            comparisons[f"sfc {sfc_variant} - baseline {base_variant}"] = {
+                **{g: _diff(s[g], b[g]) for g in groups},
+                "tail_pass": (s["tail"] or 0.0) > (b["tail"] or 0.0),
+            }
+    primary = f"sfc {sfc_pick} - baseline K"
+    return {
+        "settings": {"config": args.config, "steps": args.steps, "seed": args.seed, "device": args.device,
+                     "overrides": args.override, "workdir": args.workdir, "eval_split": "val",
+                     "threshold_rule": "each variant at its best background threshold (best mIoU incl. background)",
+                     "torch": torch.__version__, "cpu_count": os.cpu_count()},
+        "class_counts_train": {c: class_counts[c] for c in ranked},
+        "val_images_per_class": {c: runs["sfc"]["val_class_images"][c] for c in ranked},
+        "groups": groups,
+        "columns": miou,
+        "per_class_iou": table,
+        "group_mean_iou": group_means,
+        "sfc_variant_selected": {"variant": sfc_pick, "rule": "the SFC variant among K, P, K+0.3P, K+0.7P with "
+                                 "the best overall mIoU (chosen without looking at the tail)"},
+        "differences": comparisons,
+        "claim": {
+            "statement": "SFC tail mean IoU > baseline tail mean IoU",
+            "primary_comparison": primary,
+            "sfc_tail": group_means[f"sfc {sfc_pick}"]["tail"],
+            "baseline_tail": base["tail"],
+            "difference": comparisons[primary]["tail"],
+            "pass": comparisons[primary]["tail_pass"],
+            "like_for_like_K_pass": comparisons["sfc K - baseline K"]["tail_pass"],
+        },
+        "false_activation": {f"{m} {v}": fa for m, run in runs.items() for v, fa in run["false_activation"].items()},
+        "runs": {m: {"dir": run["dir"], "timings": run["timings"],
+                     "train_seconds": run["train_manifest"].get("train_seconds"),
+                     "images_per_second": run["train_manifest"].get("images_per_second"),
+                     "first_losses": run["train_manifest"].get("first_losses"),
+                     "last_losses": run["train_manifest"].get("last_losses"),
+                     "single_scale_validation": run["train_manifest"].get("validation")}
+                 for m, run in runs.items()},
+    }
+
+
+def _cell(v: float | None) -> str:
+    return "    - " if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:6.1f}"
+
+
+def print_table(report: dict) -> None:
+    columns = ["baseline K", "baseline R", "sfc K", "sfc P", "sfc K+0.3P", "sfc R"]
+    columns = [c for c in columns if c in report["per_class_iou"]]
+    groups = report["groups"]
+    tag = {c: "H" for c in groups["head"]} | {c: "T" for c in groups["tail"]}
+    width = 12
+    print(f"\n{'class':<{width}} {'N_c':>4} {'val':>4}  " + " ".join(f"{c:>11}" for c in columns))
+    for c, n in report["class_counts_train"].items():
+        marks = tag.get(c, " ") + ("*" if c in SHARED_PARTS else " ")
+        print(f"{c:<{width - 3}}{marks:>3} {n:>4} {report['val_images_per_class'][c]:>4}  "
+              + " ".join(f"{_cell(report['per_class_iou'][col][c]):>11}" for col in columns))
+    for g in ("head", "tail", "shared_part_rare", "shared_part_partners", "all_foreground"):
+        print(f"{g[:22]:<22}" + " ".join(f"{_cell(report['group_mean_iou'][col][g]):>11}" for col in columns))
+    print(f"{'mIoU (incl. bg)':<22}" + " ".join(
+        f"{_cell(report['columns'][col]['miou_incl_background']):>11}" for col in columns))
+    print(f"{'best threshold':<22}" + " ".join(
+        f"{report['columns'][col]['best_threshold']!s:>11}" for col in columns))
+    print(f"{'false act. (mean)':<22}" + " ".join(
+        f"{_cell(report['false_activation'][col]['mean_frac_as_partner']):>11}" for col in columns))
+    claim = report["claim"]
+    print(f"\nH head, T tail, * shared-part rare class. Claim '{claim['statement']}' ({claim['primary_comparison']}):"
+          f" {_cell(claim['sfc_tail'])} vs {_cell(claim['baseline_tail'])} -> {'PASS' if claim['pass'] else 'FAIL'}"
+          f"; like-for-like K: {'PASS' if claim['like_for_like_K_pass'] else 'FAIL'}")
+
+
+def plot(report: dict) -> bytes:
+    pick = f"sfc {report['sfc_variant_selected']['variant']}"
+    series = ["baseline K", *(["baseline R"] if "baseline R" in report["per_class_iou"] else []), pick]
+    if pick != "sfc K":
+        series.append("sfc K")
+    tags = {c: "H" for c in report["groups"]["head"]} | {c: "T" for c in report["groups"]["tail"]}
+    label = {c: f"{c} ({n}{', ' + tags[c] if c in tags else ''})" for c, n in report["class_counts_train"].items()}
+    groups = {s: {label[c]: report["per_class_iou"][s][c] for c in report["class_counts_train"]} for s in series}
+    s = report["settings"]
+    return bar_chart_png(groups, f"synthetic val, per-class CAM IoU (classes by train N_c; H head, T tail); "
+                                 f"{s['steps']} steps, seed {s['seed']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/synthetic.yaml")
+    parser.add_argument("--workdir", default="runs/bench-sfc-vs-baseline")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=10)
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, ...")
+    parser.add_argument("--override", action="append", default=[], help="extra dotted config override (repeatable)")
+    parser.add_argument("--no-raw", action="store_true", help="skip the raw-CAM (no PCM) diagnostic")
+    parser.add_argument("--tag", default="", help="suffix of the result files: sfc_vs_baseline-TAG.json")
+    parser.add_argument("--results", default="bench/results")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    cfg = load_config(args.config, args.override)
+    data_manifest = prepare_data(cfg.data, args.workdir, fs.join(args.workdir, "_cache"))
+    class_counts = json.loads(fs.read_text(data_manifest["stats"]))["class_counts"]
+    runs = {}
+    for method in METHODS:
+        log.info("=== %s: %d steps, seed %d ===", method, args.steps, args.seed)
+        runs[method] = run_method(method, args, data_manifest)
+    report = summarise(runs, class_counts, args)
+    stem = "sfc_vs_baseline" + (f"-{args.tag}" if args.tag else "")
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{stem}.png").write_bytes(plot(report))
+    print_table(report)
+    print(f"\nwrote {out / (stem + '.json')} and {out / (stem + '.png')}")
+
+
+if __name__ == "__main__":
+    main()
