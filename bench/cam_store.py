@@ -18,10 +18,11 @@ Targets: Zarr bytes <= 25 % of the reference bytes; max abs error <= 1e-3 on val
 time < 5 % of the per-image CRF time.
 
 Test data (seeded, generated one image at a time so memory stays small; the reference-format files, checked
-bit-exact against a regeneration, are the inputs and originals of the Zarr runs): N images of H, W uniform in [300, 500] with 1 + k
-channels (k uniform in 1..3); each channel is bilinearly upsampled low-res noise (a shared component makes P and K
-correlated, plus a per-map one), ReLU'd after a shift that zeroes 40-60 % of the pixels, max-normalised to [0, 1],
-then the fused-CAM background trick: channel 0 + 0.4, channels >= 1 x 2 (values in [0, 2]).
+bit-exact against a regeneration, are the inputs and originals of the Zarr runs): N images of H, W uniform in
+[300, 500] with 1 + k channels (k uniform in 1..3); each channel is bilinearly upsampled low-res noise (a shared
+component makes P and K correlated, plus a per-map one), ReLU'd after a shift that zeroes 40-60 % of the pixels,
+max-normalised to [0, 1], then the fused-CAM background trick: channel 0 + 0.4, channels >= 1 x 2 (values in
+[0, 2]).
 
 Run from the repository root (needs only numpy, zarr, fsspec; pydensecrf optional)::
 
@@ -374,11 +375,10 @@ def main() -> None:
     results.update({"reference": ref, "zarr": zarr_results, "dense_crf": crf, "summary": summary,
                     "total_seconds": time.perf_counter() - started})
 
-    text = json.dumps(results, indent=2)
-    print(json.dumps(summary, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    print(f"written to {args.out}")
+    args.out.write_text(json.dumps(results, indent=2) + "\n")  # before printing: a closed stdout cannot lose it
+    print(json.dumps(summary, indent=2))
+    print(f"written to {args.out} in {results['total_seconds']:.0f} s")
 
 
 if __name__ == "__main__":

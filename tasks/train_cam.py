@@ -155,6 +155,15 @@ def validate_cams(model: SFCNet, split: Split, device: torch.device, max_images:
     return results
 
 
+def _resume_state(model, optimizer, scheduler, scaler, bank, step: int, cfg_hash: str) -> dict:
+    """Everything a killed run needs to continue as if uninterrupted."""
+    return {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(), "step": step, "image_bank": bank.state_dict() if bank is not None else None,
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}, "config_hash": cfg_hash,
+    }
+
+
 def _apply_resume_state(state: dict, model, optimizer, scheduler, scaler, bank) -> int:
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -270,13 +279,8 @@ def train_cam(
         if done % cfg.log_every == 0 or done == total_steps:
             tracker.log_metrics({**values, "lr_backbone": lrs[0], "lr_new_layers": lrs[1]}, step=done)
         if done % cfg.checkpoint_every == 0 and done < total_steps:
-            checkpoints.save(checkpoints.step_url(ckpt_dir, done), {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": done,
-                "image_bank": bank.state_dict() if bank is not None else None,
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
-                "config_hash": cfg_hash,
-            })
+            state = _resume_state(model, optimizer, scheduler, scaler, bank, done, cfg_hash)
+            checkpoints.save(checkpoints.step_url(ckpt_dir, done), state)
             checkpoints.prune(ckpt_dir, cfg.keep_checkpoints)
         if val_split is not None and cfg.validate_every and done % cfg.validate_every == 0 and done < total_steps:
             best_score = _validate(model, val_split, torch_device, cfg, tracker, done, best_score, best_url, meta)
