@@ -29,9 +29,9 @@ The numeric core imports only torch, numpy and PIL (zarr/fsspec optional), so it
 Results go to bench/results/cam_infer-<cpu|gpu>.json and are printed. One timed run of each path, each in its own
 subprocess (no path inherits another's warm oneDNN / cuDNN caches) after an untimed warm-up on the first image at
 every scale. Image sizes are VOC-like by default (``--sizes voc``: mostly the 4:3 shape at the long side, see
-``draw_size``); ``--sizes uniform`` draws H and W independently, so every image is a new shape. The reference path is profiled by stage (resize+normalise, forward incl. the host
-copy, fuse, save) and the project path by where its main loop waits (loader, compute, writer) to show where the
-time goes.
+``draw_size``); ``--sizes uniform`` draws H and W independently, so every image is a new shape. The reference
+path is profiled by stage (decode, resize+normalise, forward incl. the host copy, fuse, save) and the project path
+by where its main loop waits (loader, compute, writer) to show where the time goes.
 """
 from __future__ import annotations
 
@@ -287,7 +287,7 @@ def run_project(model: SFCNet, jpegs: list[bytes], labels: np.ndarray, scales: t
             size = tuple(int(v) for v in item["size"])
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
                 keys, proto_cam, cam = multiscale_cams(model, pairs, label, size)
-            maps = torch.stack([proto_cam, cam]).to(out_dtype).cpu().numpy()
+            maps = torch.stack([proto_cam.to(out_dtype), cam.to(out_dtype)]).cpu().numpy()  # autocast may mix dtypes
             keys = keys.cpu().numpy()
             t2 = time.perf_counter()
             waits["compute_and_host_copy"] += t2 - t1
@@ -433,6 +433,18 @@ def main() -> None:
     fp32_run = results.get("project_fp32", project)
     speedup = project["images_per_second"] / reference["images_per_second"]
     forward_share = reference["stage_share"]["forward_and_host_copy"]
+    # Amdahl: if the project path only removed everything but the forward, it could not beat 1 / forward_share.
+    # On the CPU the forward is the same code in both paths (no per-scale sync to save, fp32), so a larger measured
+    # speedup there means the machine's load changed between the two runs, not a real gain.
+    bound = 1.0 / forward_share if forward_share > 0 else None
+    note = None
+    if not cuda and bound is not None and speedup > 1.05 * bound:
+        note = (f"measured CPU speedup {speedup:.2f}x exceeds the {bound:.2f}x that the project path can gain "
+                "outside the (identical, fp32) model forward: load noise between the runs (see "
+                "load_average_before_after); expect ~1.0x on an idle CPU")
+    elif not cuda and speedup < TARGET_SPEEDUP["cpu"]:
+        note = (f"CPU target {TARGET_SPEEDUP['cpu']}x not met: the model forward is {forward_share:.0%} of the "
+                f"reference's time and identical in both paths, so at most {bound:.2f}x is reachable")
     report = {
         "device": torch.cuda.get_device_name() if cuda else (platform.processor() or platform.machine()),
         "device_type": args.device,
@@ -451,7 +463,8 @@ def main() -> None:
         "target_speedup": TARGET_SPEEDUP[args.device],
         "target_met": speedup >= TARGET_SPEEDUP[args.device],
         "reference_forward_share": forward_share,
-        "max_speedup_without_faster_forward": 1.0 / forward_share if forward_share > 0 else None,
+        "max_speedup_without_faster_forward": bound,
+        "note": note,
         "max_abs_diff_fp32": fp32_run["vs_reference"]["max_abs_diff"],
         "max_abs_diff_amp": project["vs_reference"]["max_abs_diff"] if args.amp else None,
         "tolerance": TOLERANCE,
