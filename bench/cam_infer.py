@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 from models.cam_inference import DEFAULT_SCALES, fuse_scales, multiscale_cams  # noqa: E402
 from models.reference_weights import load_reference_weights  # noqa: E402
+from models.backbone import fold_batchnorm  # noqa: E402
 from models.sfc import SFCNet  # noqa: E402
 from storage.transforms import normalize  # noqa: E402  (numpy only; storage/__init__.py is empty)
 
@@ -366,6 +367,7 @@ def run_role(args: argparse.Namespace) -> dict:
         result = run_reference(model, jpegs, labels, scales, device, ReferenceSink(workdir / args.role))
     else:
         amp = args.role == "project" and args.amp
+        fold_batchnorm(model.backbone)  # as tasks/infer_cams.py does
         if cuda:
             model = model.to(memory_format=torch.channels_last)
         warm_up(model, jpegs[0], labels[0], scales, device, channels_last=cuda, amp=amp)

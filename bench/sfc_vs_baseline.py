@@ -99,14 +99,17 @@ def class_groups(class_counts: dict[str, int]) -> tuple[list[str], dict[str, lis
     return ranked, groups
 
 
-def load_val_cams(store_url: str, split) -> list[dict]:
-    """Every val image's mask, keys and stored P / K (background-trick encoded)."""
+def load_val_cams(store_url: str, split, proto_weights) -> list[dict]:
+    """Every val image's mask, keys, stored P / K and the fused K + wP maps, as eval_cam forms them (still
+    background-trick encoded)."""
     store = CamStore.open(store_url)
     items = []
     for image_id in split.ids:
         keys, proto, cam = store.load(image_id)
         mask = torch.from_numpy(read_mask(split.mask_url(image_id)).astype(np.int64))
-        items.append({"id": image_id, "mask": mask, "keys": torch.from_numpy(keys), "P": proto, "K": cam})
+        item = {"id": image_id, "mask": mask, "keys": torch.from_numpy(keys), "P": proto, "K": cam}
+        item.update({f"K+{w}P": (cam + w * proto) / (1 + w) for w in proto_weights})
+        items.append(item)
     return items
 
 
@@ -191,7 +194,7 @@ def run_method(method: str, args, data_manifest: dict) -> dict:
 
     split = load_split_file(val_url)
     names = split.class_names
-    items = load_val_cams(store_url, split)
+    items = load_val_cams(store_url, split, cfg.eval_cam.proto_weights)
     variants = {v: r for v, r in evaluation["variants"].items()}
     if not args.no_raw:
         t = time.perf_counter()

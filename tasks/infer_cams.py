@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from models.backbone import fold_batchnorm
 from models.cam_inference import DEFAULT_SCALES, multiscale_cams
 from models.sfc import SFCNet
 from storage import checkpoints
@@ -90,7 +91,9 @@ def load_cam_network(checkpoint_url: str, class_names: tuple[str, ...]) -> tuple
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise ValueError(f"{checkpoint_url} does not match a {meta['backbone']} SFC network: {err}") from None
-    return model.eval(), digest
+    model.eval()
+    fold_batchnorm(model.backbone)
+    return model, digest
 
 
 def infer_cams(

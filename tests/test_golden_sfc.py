@@ -66,3 +66,17 @@ def test_golden_inference_fused(model):
     assert keys.tolist() == data["keys"].tolist()
     assert_close(proto, data["proto_cam"])
     assert_close(cam, data["cam"])
+
+
+def test_golden_inference_with_folded_batchnorm():
+    from models.backbone import fold_batchnorm
+
+    data = load_golden("sfc_inference")
+    model = golden_model().eval()
+    fold_batchnorm(model.backbone)
+    label = torch.cat([torch.ones(1), torch.from_numpy(data["labels"])])
+    with torch.no_grad():
+        out = model.forward_cams(torch.from_numpy(data["input_s1.0"]), label)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert_close(out.cam, data["cam_s1.0"])
+    assert_close(out.proto_cam, data["proto_s1.0"])
