@@ -12,6 +12,7 @@ from storage.datasets.synthetic import generate_synthetic
 from storage.datasets.voc_layout import DataError, VOCLayoutDataset
 from tasks.eval_cam import EvalCamConfig, eval_cam
 from tasks.infer_cams import InferCamConfig, infer_cams, parse_shard
+from tests.interrupt import kill_on_call
 
 CFG = InferCamConfig(scales=(1.0, 0.5), num_workers=0)
 
@@ -47,19 +48,10 @@ def _contents(url):
 def test_interrupted_inference_resumes_to_identical_store(setup, tmp_path, monkeypatch):
     full = _infer(setup, tmp_path / "full.zarr")
     assert full["written"] == full["images"] > 0
-    calls = {"n": 0}
-    real = infer_module.multiscale_cams
-
-    def dies_at_image_four(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(infer_module, "multiscale_cams", dies_at_image_four)
+    kill_on_call(monkeypatch, infer_module, "multiscale_cams", 4)
     with pytest.raises(KeyboardInterrupt):
         _infer(setup, tmp_path / "resumed.zarr")
-    monkeypatch.setattr(infer_module, "multiscale_cams", real)
+    monkeypatch.undo()
     assert len(CamStore.open(str(tmp_path / "resumed.zarr"))) == 3
     resumed = _infer(setup, tmp_path / "resumed.zarr")
     assert resumed["written"] == full["images"] - 3

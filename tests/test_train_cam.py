@@ -10,6 +10,7 @@ from storage.datasets.split_files import save_split
 from storage.datasets.synthetic import generate_synthetic
 from storage.datasets.voc_layout import VOCLayoutDataset
 from tasks.train_cam import TrainCamConfig, train_cam
+from tests.interrupt import kill_on_call
 
 TINY = dict(backbone="resnet18", trainable_from=3, crop=64, resize_long=(48, 80), batch_size=4, max_steps=6,
             class_weights="counts", num_workers=0, checkpoint_every=2, keep_checkpoints=5)
@@ -39,19 +40,10 @@ def _weights(manifest):
 def test_killed_training_resumes_to_identical_weights(splits, tmp_path, monkeypatch):
     reference = _weights(_run(splits, tmp_path / "full"))
 
-    calls = {"n": 0}
-    real = train_module.sfc_step_losses
-
-    def dies_at_step_five(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt("killed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "sfc_step_losses", dies_at_step_five)
+    kill_on_call(monkeypatch, train_module, "sfc_step_losses", 5)
     with pytest.raises(KeyboardInterrupt):
         _run(splits, tmp_path / "killed")
-    monkeypatch.setattr(train_module, "sfc_step_losses", real)
+    monkeypatch.undo()
     assert [s for s, _ in checkpoints.step_checkpoints(str(tmp_path / "killed" / "checkpoints"))] == [2, 4]
     assert not fs.exists(str(tmp_path / "killed" / "final.pt"))
 
@@ -70,19 +62,10 @@ def test_finished_stage_is_not_redone_and_manifest_is_complete(splits, tmp_path,
 
 
 def test_checkpoint_from_other_config_is_refused(splits, tmp_path, monkeypatch):
-    real = train_module.sfc_step_losses
-    calls = {"n": 0}
-
-    def dies_at_step_three(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "sfc_step_losses", dies_at_step_three)
+    kill_on_call(monkeypatch, train_module, "sfc_step_losses", 3)
     with pytest.raises(KeyboardInterrupt):
         _run(splits, tmp_path / "run")
-    monkeypatch.setattr(train_module, "sfc_step_losses", real)
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="another config"):
         _run(splits, tmp_path / "run", lr=0.5)
 
