@@ -49,12 +49,13 @@ from models.metrics import ConfusionMatrix  # noqa: E402
 from storage import fs  # noqa: E402
 from storage.cam_store import CamStore  # noqa: E402
 from storage.datasets.cam_inference import MultiScaleSet  # noqa: E402
-from storage.datasets.split_files import load_split_file  # noqa: E402
+from storage.datasets.split_files import load_split_file, save_split  # noqa: E402
 from storage.datasets.synthetic import SHARED_PARTS, SYNTHETIC_CLASSES  # noqa: E402
+from storage.datasets.voc_layout import VOCLayoutDataset  # noqa: E402
 from storage.images import read_mask  # noqa: E402
 from storage.plots import bar_chart_png  # noqa: E402
 from tasks.eval_cam import REFERENCE_RULE, RESULTS, eval_cam  # noqa: E402
-from tasks.infer_cams import infer_cams, load_cam_network  # noqa: E402
+from tasks.infer_cams import infer_cams, load_cam_network, union_of_splits  # noqa: E402
 from tasks.prepare_data import prepare_data  # noqa: E402
 from tasks.train_cam import config_hash, resolve_device, train_cam  # noqa: E402
 
@@ -173,8 +174,24 @@ def false_activation(items: list[dict], variant: str, threshold: float, names) -
     return out
 
 
-def run_method(method: str, args, data_manifest: dict) -> dict:
-    overrides = [f"train_cam.max_steps={args.steps}", f"train_cam.method={method}", *args.override]
+def eval_split_url(args, cfg, data_manifest: dict) -> str:
+    """The split file CAMs are evaluated on: the data stage's val split, or the union of ``--eval-splits``
+    (every split of the synthetic dataset has masks; val and test are disjoint from train_aug)."""
+    if args.eval_splits == [cfg.data.val_split]:
+        return data_manifest["splits"]["val"]
+    dataset = VOCLayoutDataset(cfg.data.root, cfg.data.kind)
+    union = union_of_splits([dataset.load_split(name) for name in args.eval_splits])
+    train_ids = set(load_split_file(data_manifest["splits"]["train"]).ids)
+    if train_ids & set(union.ids):
+        raise ValueError(f"eval splits {args.eval_splits} overlap the training split")
+    url = fs.join(args.workdir, "splits", "eval-" + "+".join(args.eval_splits) + ".json")
+    save_split(url, union)
+    return url
+
+
+def run_method(method: str, args, data_manifest: dict, eval_url: str) -> dict:
+    overrides = [f"train_cam.max_steps={args.steps}", f"train_cam.method={method}", *args.override,
+                 *(args.sfc_override if method == "sfc" else [])]
     cfg = load_config(args.config, overrides)
     train_url, val_url = data_manifest["splits"]["train"], data_manifest["splits"]["val"]
     digest = config_hash(cfg.train_cam, str(args.seed))[:8]
@@ -185,14 +202,15 @@ def run_method(method: str, args, data_manifest: dict) -> dict:
     timings["train_cam_s"] = time.perf_counter() - t
     store_url = fs.join(mdir, "cams.zarr")
     t = time.perf_counter()
-    infer_cams(cfg.infer_cams, train["checkpoint"], [val_url], store_url, args.device)
+    infer_cams(cfg.infer_cams, train["checkpoint"], [eval_url], store_url, args.device)
     timings["infer_cams_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    eval_cam(cfg.eval_cam, store_url, val_url, fs.join(mdir, "eval"))
+    eval_dir = fs.join(mdir, "eval" if eval_url == val_url else "eval-" + "+".join(args.eval_splits))
+    eval_cam(cfg.eval_cam, store_url, eval_url, eval_dir)
     timings["eval_cam_s"] = time.perf_counter() - t
-    evaluation = json.loads(fs.read_text(fs.join(mdir, "eval", RESULTS)))
+    evaluation = json.loads(fs.read_text(fs.join(eval_dir, RESULTS)))
 
-    split = load_split_file(val_url)
+    split = load_split_file(eval_url)
     names = split.class_names
     items = load_val_cams(store_url, split, cfg.eval_cam.proto_weights)
     variants = {v: r for v, r in evaluation["variants"].items()}
@@ -207,7 +225,7 @@ def run_method(method: str, args, data_manifest: dict) -> dict:
           for v, r in variants.items() if "best_threshold" in r}
     return {"method": method, "dir": mdir, "checkpoint": train["checkpoint"], "train_manifest": train,
             "timings": timings, "variants": variants, "false_activation": fa,
-            "val_class_images": {n: int(split.labels[:, i - 1].sum()) for i, n in enumerate(names) if i}}
+            "eval_class_images": {n: int(split.labels[:, i - 1].sum()) for i, n in enumerate(names) if i}}
 
 
 def summarise(runs: dict, class_counts: dict, args) -> dict:
@@ -219,8 +237,11 @@ def summarise(runs: dict, class_counts: dict, args) -> dict:
             per_class = r["best"]["per_class"]
             table[column] = {c: per_class[c]["iou"] for c in ranked}
             group_means[column] = {g: _nanmean([per_class[c]["iou"] for c in cs]) for g, cs in groups.items()}
+            note = NOTES.get((method, variant), "")
+            if method == "baseline" and "P" in variant and variant != "P":
+                note = "MEANINGLESS: built from the baseline's untrained prototype CAM P"
             miou[column] = {"miou_incl_background": r["best"]["miou"], "best_threshold": r.get("best_threshold"),
-                            "note": NOTES.get((method, variant), "")}
+                            "note": note}
     sfc_pick = max(SFC_CANDIDATES, key=lambda v: runs["sfc"]["variants"][v]["best"]["miou"])
     base = group_means["baseline K"]
     comparisons = {}
@@ -234,11 +255,13 @@ def summarise(runs: dict, class_counts: dict, args) -> dict:
     primary = f"sfc {sfc_pick} - baseline K"
     return {
         "settings": {"config": args.config, "steps": args.steps, "seed": args.seed, "device": args.device,
-                     "overrides": args.override, "workdir": args.workdir, "eval_split": "val",
+                     "overrides": args.override,
+                     "sfc_only_overrides": args.sfc_override, "workdir": args.workdir,
+                     "eval_splits": args.eval_splits,
                      "threshold_rule": "each variant at its best background threshold (best mIoU incl. background)",
                      "torch": torch.__version__, "cpu_count": os.cpu_count()},
         "class_counts_train": {c: class_counts[c] for c in ranked},
-        "val_images_per_class": {c: runs["sfc"]["val_class_images"][c] for c in ranked},
+        "eval_images_per_class": {c: runs["sfc"]["eval_class_images"][c] for c in ranked},
         "groups": groups,
         "columns": miou,
         "per_class_iou": table,
@@ -276,18 +299,18 @@ def print_table(report: dict) -> None:
     groups = report["groups"]
     tag = {c: "H" for c in groups["head"]} | {c: "T" for c in groups["tail"]}
     width = 12
-    print(f"\n{'class':<{width}} {'N_c':>4} {'val':>4}  " + " ".join(f"{c:>11}" for c in columns))
+    print(f"\n{'class':<{width + 2}} {'N_c':>4} {'eval':>4}  " + " ".join(f"{c:>11}" for c in columns))
     for c, n in report["class_counts_train"].items():
         marks = tag.get(c, " ") + ("*" if c in SHARED_PARTS else " ")
-        print(f"{c:<{width - 3}}{marks:>3} {n:>4} {report['val_images_per_class'][c]:>4}  "
+        print(f"{c:<{width}}{marks} {n:>4} {report['eval_images_per_class'][c]:>4}  "
               + " ".join(f"{_cell(report['per_class_iou'][col][c]):>11}" for col in columns))
     for g in ("head", "tail", "shared_part_rare", "shared_part_partners", "all_foreground"):
-        print(f"{g[:22]:<22}" + " ".join(f"{_cell(report['group_mean_iou'][col][g]):>11}" for col in columns))
-    print(f"{'mIoU (incl. bg)':<22}" + " ".join(
+        print(f"{g[:26]:<26}" + " ".join(f"{_cell(report['group_mean_iou'][col][g]):>11}" for col in columns))
+    print(f"{'mIoU (incl. bg)':<26}" + " ".join(
         f"{_cell(report['columns'][col]['miou_incl_background']):>11}" for col in columns))
-    print(f"{'best threshold':<22}" + " ".join(
+    print(f"{'best threshold':<26}" + " ".join(
         f"{report['columns'][col]['best_threshold']!s:>11}" for col in columns))
-    print(f"{'false act. (mean)':<22}" + " ".join(
+    print(f"{'false act. (mean)':<26}" + " ".join(
         f"{_cell(report['false_activation'][col]['mean_frac_as_partner']):>11}" for col in columns))
     claim = report["claim"]
     print(f"\nH head, T tail, * shared-part rare class. Claim '{claim['statement']}' ({claim['primary_comparison']}):"
@@ -297,14 +320,13 @@ def print_table(report: dict) -> None:
 
 def plot(report: dict) -> bytes:
     pick = f"sfc {report['sfc_variant_selected']['variant']}"
-    series = ["baseline K", *(["baseline R"] if "baseline R" in report["per_class_iou"] else []), pick]
-    if pick != "sfc K":
-        series.append("sfc K")
+    series = ["baseline K", pick, *(["sfc K"] if pick != "sfc K" else [])]
+    series += [c for c in ("baseline R", "sfc R") if c in report["per_class_iou"]]
     tags = {c: "H" for c in report["groups"]["head"]} | {c: "T" for c in report["groups"]["tail"]}
     label = {c: f"{c} ({n}{', ' + tags[c] if c in tags else ''})" for c, n in report["class_counts_train"].items()}
     groups = {s: {label[c]: report["per_class_iou"][s][c] for c in report["class_counts_train"]} for s in series}
     s = report["settings"]
-    return bar_chart_png(groups, f"synthetic val, per-class CAM IoU (classes by train N_c; H head, T tail); "
+    return bar_chart_png(groups, f"synthetic {'+'.join(s['eval_splits'])}, per-class CAM IoU (classes by train N_c; H head, T tail); "
                                  f"{s['steps']} steps, seed {s['seed']}")
 
 
@@ -316,7 +338,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=10)
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, ...")
     parser.add_argument("--override", action="append", default=[], help="extra dotted config override (repeatable)")
+    parser.add_argument("--sfc-override", action="append", default=[],
+                        help="dotted override for the SFC run only (ablations, e.g. train_cam.ibr.enabled=false); "
+                             "breaks the same-config rule on purpose, and is recorded in the results")
     parser.add_argument("--no-raw", action="store_true", help="skip the raw-CAM (no PCM) diagnostic")
+    parser.add_argument("--eval-splits", nargs="+", default=["val"],
+                        help="splits (with masks, disjoint from training) to evaluate on, e.g. val test")
     parser.add_argument("--tag", default="", help="suffix of the result files: sfc_vs_baseline-TAG.json")
     parser.add_argument("--results", default="bench/results")
     args = parser.parse_args()
@@ -325,10 +352,11 @@ def main() -> None:
     cfg = load_config(args.config, args.override)
     data_manifest = prepare_data(cfg.data, args.workdir, fs.join(args.workdir, "_cache"))
     class_counts = json.loads(fs.read_text(data_manifest["stats"]))["class_counts"]
+    eval_url = eval_split_url(args, cfg, data_manifest)
     runs = {}
     for method in METHODS:
-        log.info("=== %s: %d steps, seed %d ===", method, args.steps, args.seed)
-        runs[method] = run_method(method, args, data_manifest)
+        print(f"=== {method}: {args.steps} steps, seed {args.seed} ===", flush=True)
+        runs[method] = run_method(method, args, data_manifest, eval_url)
     report = summarise(runs, class_counts, args)
     stem = "sfc_vs_baseline" + (f"-{args.tag}" if args.tag else "")
     out = Path(args.results)
