@@ -8,11 +8,11 @@ from models.sfc import SFCNet
 from storage import checkpoints
 from storage.cam_store import CamStore, CamStoreError
 from storage.datasets.split_files import load_split_file, save_split
-from storage.datasets.synthetic import generate_synthetic
-from storage.datasets.voc_layout import DataError, VOCLayoutDataset
+from storage.datasets.voc_layout import DataError
 from tasks.eval_cam import EvalCamConfig, eval_cam
 from tasks.infer_cams import InferCamConfig, infer_cams, parse_shard
 from tests.interrupt import kill_on_call
+from tests.synthetic_splits import synthetic_split_files
 
 CFG = InferCamConfig(scales=(1.0, 0.5), num_workers=0)
 
@@ -20,16 +20,12 @@ CFG = InferCamConfig(scales=(1.0, 0.5), num_workers=0)
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("infer")
-    generate_synthetic(str(root / "data"), num_images=20, seed=5, min_size=48, max_size=64)
-    dataset = VOCLayoutDataset(str(root / "data"), "synthetic")
-    urls = {}
-    for name in ("train", "val"):
-        urls[name] = str(root / f"{name}.json")
-        save_split(urls[name], dataset.load_split(name))
+    urls = synthetic_split_files(root, ("train", "val"), 20, 5, 48, 64)
+    class_names = load_split_file(urls["val"]).class_names
     torch.manual_seed(0)
     model = SFCNet(20, "resnet18", norm="batch").eval()
     meta = {"backbone": "resnet18", "norm": "batch", "trainable_from": 3, "bg_seed_scale": 0.3,
-            "class_names": list(dataset.class_names)}
+            "class_names": list(class_names)}
     checkpoint = str(root / "final.pt")
     checkpoints.save(checkpoint, {"model": model.state_dict(), "meta": meta})
     return root, urls, checkpoint, meta, model

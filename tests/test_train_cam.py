@@ -6,11 +6,9 @@ import torch
 
 import tasks.train_cam as train_module
 from storage import checkpoints, fs
-from storage.datasets.split_files import save_split
-from storage.datasets.synthetic import generate_synthetic
-from storage.datasets.voc_layout import VOCLayoutDataset
 from tasks.train_cam import TrainCamConfig, train_cam
 from tests.interrupt import kill_on_call
+from tests.synthetic_splits import synthetic_split_files
 
 TINY = dict(backbone="resnet18", trainable_from=3, crop=64, resize_long=(48, 80), batch_size=4, max_steps=6,
             class_weights="counts", num_workers=0, checkpoint_every=2, keep_checkpoints=5)
@@ -18,14 +16,7 @@ TINY = dict(backbone="resnet18", trainable_from=3, crop=64, resize_long=(48, 80)
 
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory):
-    root = tmp_path_factory.mktemp("syn")
-    generate_synthetic(str(root / "data"), num_images=40, seed=3, min_size=64, max_size=80)
-    dataset = VOCLayoutDataset(str(root / "data"), "synthetic")
-    urls = {}
-    for name in ("train_aug", "val"):
-        urls[name] = str(root / f"{name}.json")
-        save_split(urls[name], dataset.load_split(name))
-    return urls
+    return synthetic_split_files(tmp_path_factory.mktemp("syn"), ("train_aug", "val"), 40, 3, 64, 80)
 
 
 def _run(splits, out_dir, **overrides):
