@@ -22,9 +22,6 @@ from tasks.train_cam import train_cam_task
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prepare_data", "train_cam", "infer_cams", "eval_cam")
-
-
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,

@@ -33,9 +33,6 @@ class ConfusionMatrix:
         index = target[keep] * k + prediction[keep]
         self.matrix += torch.bincount(index.cpu(), minlength=k * k).view(k, k)
 
-    def merge(self, other: ConfusionMatrix) -> None:
-        self.matrix += other.matrix
-
     def scores(self, class_names: Sequence[str]) -> dict:
         """mIoU, pixel accuracy, and per-class IoU / precision / recall keyed by class name.
 

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from storage.datasets.cam_training import normalized_tensor
 from storage.datasets.voc_layout import Split
 from storage.images import read_pil_rgb
-from storage.transforms import normalize
 
 
 def scaled_pair(image: Image.Image, scale: float) -> torch.Tensor:
@@ -18,7 +17,7 @@ def scaled_pair(image: Image.Image, scale: float) -> torch.Tensor:
     width, height = image.size
     if scale != 1.0:
         image = image.resize((round(width * scale), round(height * scale)), Image.BICUBIC)
-    array = torch.from_numpy(np.ascontiguousarray(normalize(np.asarray(image)).transpose(2, 0, 1)))
+    array = normalized_tensor(image)
     return torch.stack([array, array.flip(-1)])
 
 

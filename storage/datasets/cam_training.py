@@ -5,6 +5,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from storage.datasets.voc_layout import Split
@@ -14,6 +15,11 @@ from storage.transforms import augment_for_cam_training, normalize
 # An item is (image index, (seed, epoch, position)): the augmentation RNG of a sample depends only on where it
 # sits in the schedule, so results do not depend on worker count and a resumed run sees the same samples.
 Item = tuple[int, tuple[int, int, int]]
+
+
+def normalized_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image as an ImageNet-normalised (3, H, W) float32 tensor."""
+    return torch.from_numpy(np.ascontiguousarray(normalize(np.asarray(image)).transpose(2, 0, 1)))
 
 
 class CAMTrainingSet(Dataset):
@@ -77,9 +83,8 @@ class FullImageSet(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         image_id = self.split.ids[index]
-        image = normalize(np.asarray(read_pil_rgb(self.split.image_url(image_id))))
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "image": normalized_tensor(read_pil_rgb(self.split.image_url(image_id))),
             "label": torch.from_numpy(self.split.labels[index]),
             "mask": torch.from_numpy(read_mask(self.split.mask_url(image_id)).astype(np.int64)),
         }
