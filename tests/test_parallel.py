@@ -1,0 +1,22 @@
+"""The process-pool fan-out returns in-order results and surfaces worker errors."""
+import functools
+
+import pytest
+
+from tasks.parallel import parallel_map
+
+
+def _scaled(factor: int, value: int) -> int:
+    if value < 0:
+        raise ValueError(f"negative value {value}")
+    return factor * value
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_parallel_map_keeps_order(workers):
+    assert list(parallel_map(functools.partial(_scaled, 3), list(range(10)), workers)) == [3 * v for v in range(10)]
+
+
+def test_parallel_map_reraises_worker_errors():
+    with pytest.raises(ValueError, match="negative value -1"):
+        list(parallel_map(functools.partial(_scaled, 1), [1, 2, -1, 3], workers=2, chunksize=1))
