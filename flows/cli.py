@@ -28,20 +28,83 @@ def main(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-@main.command()
-@click.option("--config", "-c", default="configs/synthetic.yaml", show_default=True, help=CONFIG_HELP)
-@click.argument("overrides", nargs=-1)
-def run(config: str, overrides: tuple[str, ...]) -> None:
-    """Run the pipeline flow. OVERRIDES are dotted assignments such as train_cam.max_steps=100."""
-    cfg = _load(config, overrides)
+def _stage_list(stages: str | None) -> list[str] | None:
+    return [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+
+
+def _run_flow(cfg, stages: str | None, start: str | None) -> None:
     from flows.pipeline import sfc_pipeline
     from storage.datasets.voc_layout import DataError
 
     try:
-        summary = sfc_pipeline(cfg.model_dump(mode="json"))
+        summary = sfc_pipeline(cfg.model_dump(mode="json"), _stage_list(stages), start)
     except (DataError, FileNotFoundError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(json.dumps({"run_dir": summary["run_dir"], "mlflow_run_id": summary["mlflow_run_id"]}, indent=2))
+
+
+STAGES_HELP = "comma-separated stages to run (the others' results are read from the run directory)"
+FROM_HELP = "run this stage and every stage after it"
+
+
+@main.command()
+@click.option("--config", "-c", default="configs/synthetic.yaml", show_default=True, help=CONFIG_HELP)
+@click.option("--stages", default=None, help=STAGES_HELP)
+@click.option("--from", "start", default=None, help=FROM_HELP)
+@click.argument("overrides", nargs=-1)
+def run(config: str, stages: str | None, start: str | None, overrides: tuple[str, ...]) -> None:
+    """Run the pipeline flow. OVERRIDES are dotted assignments such as train_cam.max_steps=100. Stages that
+    already finished in this run directory with the same inputs, config and code are not redone."""
+    _run_flow(_load(config, overrides), stages, start)
+
+
+def _locate(run_name: str, root: str):
+    from flows.runs import RunNotFoundError, locate_run
+
+    try:
+        return locate_run(run_name, root)
+    except (RunNotFoundError, ConfigError) as err:
+        raise click.ClickException(str(err)) from None
+
+
+@main.command()
+@click.argument("run_name", metavar="RUN")
+@click.option("--root", default="runs", show_default=True, help="the runs folder")
+@click.option("--stages", default=None, help=STAGES_HELP)
+@click.option("--from", "start", default=None, help=FROM_HELP)
+def resume(run_name: str, root: str, stages: str | None, start: str | None) -> None:
+    """Continue a failed or killed run (RUN = run name or MLflow run id) in the same run directory and MLflow
+    run: finished stages are skipped, an interrupted stage continues from its checkpoints/completion markers."""
+    _run_flow(_locate(run_name, root), stages, start)
+
+
+@main.command()
+@click.argument("run_name", metavar="RUN")
+@click.option("--root", default="runs", show_default=True, help="the runs folder")
+def status(run_name: str, root: str) -> None:
+    """Print each stage's state (done, stale, failed, pending), key figures and output locations."""
+    from flows.runs import format_status, run_status
+
+    cfg = _locate(run_name, root)
+    click.echo(format_status(cfg, run_status(cfg)))
+
+
+@main.command()
+@click.option("--root", default="runs", show_default=True, help="the runs folder (its mlflow.db)")
+@click.option("--port", default=5000, show_default=True, type=int)
+def ui(root: str, port: int) -> None:
+    """Start the MLflow UI on the runs folder's store (http://127.0.0.1:PORT)."""
+    import os
+    import subprocess
+
+    from flows.config import default_tracking_uri
+
+    uri = default_tracking_uri(root)
+    click.echo(f"MLflow UI on http://127.0.0.1:{port} for {uri} (Ctrl-C stops it)")
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1"]
+    raise SystemExit(subprocess.call(command, env=env))
 
 
 @main.command("infer-cams")
@@ -52,12 +115,15 @@ def infer_cams(config: str, shard: str | None, overrides: tuple[str, ...]) -> No
     """Run CAM inference of a trained run outside the flow, e.g. one shard per GPU:
     CUDA_VISIBLE_DEVICES=k sfc infer-cams -c CONFIG --shard k/N. The run's data and training stages must be done."""
     cfg = _load(config, overrides)
-    from flows.pipeline import cam_store_url, stage_inputs
+    from flows.pipeline import load_manifest
+    from flows.stages import cam_store_url
     from tasks.infer_cams import infer_cams as run_inference
 
     try:
-        checkpoint, split_urls = stage_inputs(cfg)
-        manifest = run_inference(cfg.infer_cams, checkpoint, split_urls, cam_store_url(cfg), cfg.run.device, shard)
+        splits = load_manifest(cfg.run_dir, "prepare_data")["splits"]
+        checkpoint = load_manifest(cfg.run_dir, "train_cam")["checkpoint"]
+        manifest = run_inference(cfg.infer_cams, checkpoint, [splits["train"], splits["val"]], cam_store_url(cfg),
+                                 cfg.run.device, shard)
     except (FileNotFoundError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(json.dumps(manifest, indent=2))

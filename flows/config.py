@@ -30,6 +30,8 @@ class RunConfig(BaseModel):
     root: str = Field("runs", description="folder (path or fsspec URL) holding one directory per run")
     seed: int = 10
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
+    retries: int = Field(1, ge=0, description="Prefect retries of a stage after a transient I/O error")
+    retry_delay_s: float = Field(10.0, ge=0)
 
     @field_validator("name")
     @classmethod
@@ -70,9 +72,7 @@ class PipelineConfig(BaseModel):
         return fs.join(self.run.root, "_cache")
 
     def tracking_uri(self) -> str:
-        if self.tracking.uri:
-            return self.tracking.uri
-        return f"sqlite:///{_local_root(self.run.root) / 'mlflow.db'}"
+        return self.tracking.uri or default_tracking_uri(self.run.root)
 
     def artifact_root(self) -> str:
         return (_local_root(self.run.root) / "mlartifacts").as_uri()
@@ -82,6 +82,11 @@ class PipelineConfig(BaseModel):
 
     def digest(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+
+def default_tracking_uri(root: str) -> str:
+    """The MLflow store of a runs folder: SQLite next to the run directories."""
+    return f"sqlite:///{_local_root(root) / 'mlflow.db'}"
 
 
 def _local_root(root: str) -> Path:

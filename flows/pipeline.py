@@ -1,26 +1,33 @@
-"""The Prefect flow chaining the stages, with one MLflow parent run and a nested run per stage."""
+"""The Prefect flow chaining the stages, with one MLflow parent run and a nested run per stage.
+
+Each stage is a Prefect task whose cache key comes from its config sections, its inputs' manifests and its code
+version (flows/stages.py); cache records live in the run directory, so re-running or resuming a run skips the
+stages that finished, and a changed parameter re-runs only its stage and those after it. Every finished stage
+also leaves ``manifests/<stage>.json``, which ``--stages``/``--from`` and ``sfc status`` read.
+"""
 from __future__ import annotations
 
 import json
 import logging
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import flow
+from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.runtime import flow_run
 
 from flows.config import PipelineConfig, load_config
+from flows.stages import STAGES, Stage, manifest_url, missing_outputs, select_stages
 from storage import fs
 from storage.tracking import Tracker, open_tracker
-from tasks.eval_cam import eval_cam_task
-from tasks.infer_cams import infer_cams_task
-from tasks.prepare_data import prepare_data_task
-from tasks.train_cam import MANIFEST as TRAIN_MANIFEST
-from tasks.train_cam import train_cam_task
 
 log = logging.getLogger(__name__)
+
+TRANSIENT_ERRORS = (TimeoutError, ConnectionError, InterruptedError, BlockingIOError)
+
 
 def git_commit() -> str:
     try:
@@ -31,18 +38,21 @@ def git_commit() -> str:
         return "unknown"
 
 
-def cam_store_url(cfg: PipelineConfig) -> str:
-    return fs.join(cfg.run_dir, "cams.zarr")
+def cache_storage(cfg: PipelineConfig) -> str:
+    """Where Prefect keeps the stages' cache records: inside a local run directory, else in the local cache."""
+    root = cfg.run_dir if "://" not in cfg.run_dir or cfg.run_dir.startswith("file://") else cfg.cache_dir
+    return str(Path(fs.join(root, ".prefect-cache").removeprefix("file://")).resolve())
 
 
-def stage_inputs(cfg: PipelineConfig) -> tuple[str, list[str]]:
-    """The trained checkpoint and the split files of a run whose data and training stages have finished."""
-    manifest_url = fs.join(cfg.run_dir, "train_cam", TRAIN_MANIFEST)
-    if not fs.exists(manifest_url):
-        raise FileNotFoundError(f"{manifest_url} not found: run the pipeline's training stage first")
-    checkpoint = json.loads(fs.read_text(manifest_url))["checkpoint"]
-    splits = [fs.join(cfg.run_dir, "splits", f"{name}.json") for name in (cfg.data.train_split, cfg.data.val_split)]
-    return checkpoint, splits
+def _is_transient(task, task_run, state) -> bool:
+    """Retry only errors that a second attempt can fix (timeouts, dropped connections), never bad input."""
+    try:
+        state.result()
+    except TRANSIENT_ERRORS:
+        return True
+    except BaseException:  # noqa: BLE001 - any other error is final
+        return False
+    return False
 
 
 @contextmanager
@@ -57,34 +67,67 @@ def stage_run(parent: Tracker, name: str) -> Iterator[Tracker]:
     child.finish()
 
 
+def load_manifest(run_dir: str, stage: str) -> dict:
+    url = manifest_url(run_dir, stage)
+    if not fs.exists(url):
+        raise FileNotFoundError(f"stage {stage!r} has not finished in {run_dir} ({url} is missing): "
+                                f"run it first or include it in the selected stages")
+    return json.loads(fs.read_text(url))["manifest"]
+
+
+def run_stage(stage: Stage, cfg: PipelineConfig, manifests: dict[str, dict], tracker: Tracker) -> dict:
+    """Run one stage's task (or take its cached manifest), check its outputs, record its manifest file."""
+    key = stage.cache_key(cfg, manifests)
+    policy = CacheKeyFnPolicy(cache_key_fn=lambda *_: key).configure(key_storage=cache_storage(cfg))
+    failed_url = fs.join(cfg.run_dir, "manifests", f"{stage.name}.failed.json")
+    with stage_run(tracker, stage.name) as child:
+        arguments = stage.arguments(cfg, manifests, child)
+        task = stage.task.with_options(cache_policy=policy, persist_result=True, retries=cfg.run.retries,
+                                       retry_delay_seconds=cfg.run.retry_delay_s, retry_condition_fn=_is_transient)
+        try:
+            state = task(**arguments, return_state=True)
+            manifest, cached = state.result(), state.name == "Cached"
+            if cached and (missing := missing_outputs(manifest, cfg.run_dir)):
+                log.warning("stage %s: cached result names missing outputs (%s); running it again",
+                            stage.name, ", ".join(missing[:3]))
+                manifest, cached = task.with_options(refresh_cache=True)(**arguments), False
+        except BaseException as err:
+            fs.write_text(failed_url, json.dumps({"stage": stage.name, "error": f"{type(err).__name__}: {err}",
+                                                  "time": time.time()}, indent=2))
+            raise
+    if fs.exists(failed_url):
+        fs.remove(failed_url)
+    record_url = manifest_url(cfg.run_dir, stage.name)
+    if cached and fs.exists(record_url) and json.loads(fs.read_text(record_url))["cache_key"] == key:
+        log.info("stage %s: finished before, taken from the cache", stage.name)
+    else:
+        record = {"stage": stage.name, "cache_key": key, "finished": time.time(), "manifest": manifest}
+        fs.write_text(record_url, json.dumps(record, indent=2, default=str))
+    return manifest
+
+
 @flow(name="sfc-pipeline", log_prints=True)
-def sfc_pipeline(config: dict) -> dict:
-    """Run every stage of the SFC pipeline for a resolved configuration (a ``PipelineConfig`` as a dict)."""
+def sfc_pipeline(config: dict, stages: list[str] | None = None, start: str | None = None) -> dict:
+    """Run the SFC pipeline for a resolved configuration (a ``PipelineConfig`` as a dict): every stage, the
+    named ``stages``, or ``start`` and the stages after it. Finished stages are taken from the cache."""
     cfg = PipelineConfig.model_validate(config)
+    selected = select_stages(stages, start)
     run_dir = cfg.run_dir
     fs.makedirs(run_dir)
     fs.write_text(fs.join(run_dir, "config.yaml"), cfg.to_yaml())
-    tracker = open_tracker(cfg.tracking_uri(), cfg.tracking.experiment, cfg.artifact_root(), cfg.run.name, {
-        "git_commit": git_commit(), "config_hash": cfg.digest(), "prefect_flow_run_id": str(flow_run.get_id()),
-        "run_dir": run_dir,
-    })
-    tracker.log_params(cfg.model_dump(mode="json"))
-    tracker.log_text(cfg.to_yaml(), "config.yaml")
+    tracker = open_tracker(cfg.tracking_uri(), cfg.tracking.experiment, cfg.artifact_root(), cfg.run.name,
+                           {"git_commit": git_commit(), "prefect_flow_run_id": str(flow_run.get_id())},
+                           resume_on={"run_dir": run_dir, "config_hash": cfg.digest()})
+    if not tracker.resumed:
+        tracker.log_params(cfg.model_dump(mode="json"))
+        tracker.log_text(cfg.to_yaml(), "config.yaml")
     manifests: dict[str, dict] = {}
     try:
-        with stage_run(tracker, "prepare_data") as t:
-            manifests["prepare_data"] = prepare_data_task(cfg.data, run_dir, cfg.cache_dir, t)
-        with stage_run(tracker, "train_cam") as t:
-            splits = manifests["prepare_data"]["splits"]
-            manifests["train_cam"] = train_cam_task(cfg.train_cam, splits["train"], splits["val"],
-                                                    fs.join(run_dir, "train_cam"), cfg.run.seed, cfg.run.device, t)
-        with stage_run(tracker, "infer_cams") as t:
-            manifests["infer_cams"] = infer_cams_task(cfg.infer_cams, manifests["train_cam"]["checkpoint"],
-                                                      [splits["train"], splits["val"]], cam_store_url(cfg),
-                                                      cfg.run.device, None, t)
-        with stage_run(tracker, "eval_cam") as t:
-            manifests["eval_cam"] = eval_cam_task(cfg.eval_cam, manifests["infer_cams"]["store"], splits["val"],
-                                                  fs.join(run_dir, "metrics"), t)
+        for stage in STAGES:
+            if stage in selected:
+                manifests[stage.name] = run_stage(stage, cfg, manifests, tracker)
+            elif any(stage.name in s.needs for s in selected):
+                manifests[stage.name] = load_manifest(run_dir, stage.name)
     except BaseException:
         tracker.finish("FAILED")
         raise
@@ -95,7 +138,8 @@ def sfc_pipeline(config: dict) -> dict:
 
 
 @flow(name="sfc-pipeline-from-config")
-def sfc_pipeline_from_config(config_path: str = "configs/synthetic.yaml", overrides: list[str] | None = None) -> dict:
+def sfc_pipeline_from_config(config_path: str = "configs/synthetic.yaml", overrides: list[str] | None = None,
+                             stages: list[str] | None = None, start: str | None = None) -> dict:
     """Entry point for deployments: load a YAML config with dotted overrides, then run :func:`sfc_pipeline`."""
     cfg = load_config(config_path, overrides or [])
-    return sfc_pipeline(cfg.model_dump(mode="json"))
+    return sfc_pipeline(cfg.model_dump(mode="json"), stages, start)

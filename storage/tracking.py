@@ -33,10 +33,12 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 class Tracker:
     """Logs to one MLflow run; a tracker without a run (``Tracker.null()``) accepts and drops everything."""
 
-    def __init__(self, client: Any | None, run_id: str | None, experiment_id: str | None = None):
+    def __init__(self, client: Any | None, run_id: str | None, experiment_id: str | None = None,
+                 resumed: bool = False):
         self.client = client
         self.run_id = run_id
         self.experiment_id = experiment_id
+        self.resumed = resumed
 
     @classmethod
     def null(cls) -> Tracker:
@@ -92,9 +94,15 @@ class Tracker:
             self.log_artifact(path, None if parent == "." else parent)
 
     def child(self, name: str) -> Tracker:
-        """A nested run for one stage."""
+        """The nested run of one stage: the existing one when the parent is resumed, else a new one."""
         if not self.active:
             return self
+        found = self.client.search_runs(
+            [self.experiment_id], f"tags.mlflow.parentRunId = '{self.run_id}' and tags.`sfc.stage` = '{name}'",
+            max_results=1)
+        if found:
+            self.client.update_run(found[0].info.run_id, status="RUNNING")
+            return Tracker(self.client, found[0].info.run_id, self.experiment_id)
         run = self.client.create_run(self.experiment_id, run_name=name,
                                      tags={"mlflow.parentRunId": self.run_id, "sfc.stage": name})
         return Tracker(self.client, run.info.run_id, self.experiment_id)
@@ -105,14 +113,25 @@ class Tracker:
 
 
 def open_tracker(tracking_uri: str, experiment: str, artifact_root: str, run_name: str,
-                 tags: Mapping[str, str] | None = None) -> Tracker:
-    """Create (or reuse) the experiment and start a parent run."""
+                 tags: Mapping[str, str] | None = None, resume_on: Mapping[str, str] | None = None) -> Tracker:
+    """Create (or reuse) the experiment and start a parent run, or re-enter the parent run whose tags equal
+    ``resume_on`` (a resumed pipeline run continues in the same MLflow run)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(
         experiment, artifact_location=artifact_root)
-    run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
+    if resume_on:
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in resume_on.items())
+        runs = client.search_runs([experiment_id], query, max_results=1)
+        if runs:
+            run_id = runs[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+            for key, value in (tags or {}).items():
+                client.set_tag(run_id, key, value)
+            log.info("MLflow run %s (%s) resumed in %s", run_id, run_name, tracking_uri)
+            return Tracker(client, run_id, experiment_id, resumed=True)
+    run = client.create_run(experiment_id, run_name=run_name, tags={**(resume_on or {}), **(tags or {})})
     log.info("MLflow run %s (%s) in %s", run.info.run_id, run_name, tracking_uri)
     return Tracker(client, run.info.run_id, experiment_id)

@@ -1,0 +1,102 @@
+"""Finding an existing run (by name or MLflow run id) and reporting the state of its stages."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from flows.config import ConfigError, PipelineConfig, default_tracking_uri, load_config
+from flows.stages import STAGES, manifest_url, output_paths
+from storage import fs
+
+
+_MLFLOW_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class RunNotFoundError(LookupError):
+    """No run directory or MLflow run of that name/id."""
+
+
+def locate_run(run: str, root: str = "runs", tracking_uri: str | None = None) -> PipelineConfig:
+    """The resolved configuration of an existing run, given its name (a directory under ``root``) or the id of its
+    MLflow parent run."""
+    config_url = fs.join(root, run, "config.yaml")
+    if fs.exists(config_url):
+        return load_config(config_url)
+    uri = tracking_uri or default_tracking_uri(root)
+    run_dir = _run_dir_of_mlflow_run(run, uri)
+    if run_dir is None:
+        raise RunNotFoundError(f"no run named {run!r} under {root} (no {config_url}) and no MLflow run with that id "
+                               f"in {uri}")
+    config_url = fs.join(run_dir, "config.yaml")
+    if not fs.exists(config_url):
+        raise RunNotFoundError(f"MLflow run {run} points to {run_dir}, which holds no config.yaml")
+    try:
+        return load_config(config_url)
+    except ConfigError as err:
+        raise ConfigError(f"run {run}: {err}") from None
+
+
+def _run_dir_of_mlflow_run(run_id: str, tracking_uri: str) -> str | None:
+    if not _MLFLOW_RUN_ID.match(run_id):
+        return None
+    if tracking_uri.startswith("sqlite:///") and not fs.exists(tracking_uri.removeprefix("sqlite:///")):
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient(tracking_uri).get_run(run_id).data.tags.get("run_dir")
+    except MlflowException:
+        return None
+
+
+@dataclass
+class StageStatus:
+    name: str
+    state: str  # done | stale | failed | pending
+    figures: dict = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def _figures(manifest: dict) -> dict:
+    """The manifest's scalar figures and its summary, if any: what a user wants to see at a glance."""
+    figures = {k: v for k, v in manifest.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if isinstance(manifest.get("summary"), dict):
+        figures["summary"] = manifest["summary"]
+    return figures
+
+
+def run_status(cfg: PipelineConfig) -> list[StageStatus]:
+    """Each stage's state in the run directory: done (its manifest matches the current config and code), stale
+    (finished under another config or code), failed (the last attempt raised) or pending."""
+    statuses, manifests = [], {}
+    for stage in STAGES:
+        url = manifest_url(cfg.run_dir, stage.name)
+        failed_url = fs.join(cfg.run_dir, "manifests", f"{stage.name}.failed.json")
+        status = StageStatus(stage.name, "pending")
+        if fs.exists(url):
+            record = json.loads(fs.read_text(url))
+            manifests[stage.name] = record["manifest"]
+            inputs_known = all(n in manifests for n in stage.needs)
+            fresh = inputs_known and record["cache_key"] == stage.cache_key(cfg, manifests)
+            status = StageStatus(stage.name, "done" if fresh else "stale", _figures(record["manifest"]),
+                                 sorted(set(output_paths(record["manifest"], cfg.run_dir))))
+        if fs.exists(failed_url):
+            status.state = "failed"
+            status.error = json.loads(fs.read_text(failed_url))["error"]
+        statuses.append(status)
+    return statuses
+
+
+def format_status(cfg: PipelineConfig, statuses: list[StageStatus]) -> str:
+    lines = [f"run {cfg.run.name} in {cfg.run_dir} (config {cfg.digest()})"]
+    for s in statuses:
+        lines.append(f"  {s.name:<20} {s.state}")
+        if s.error:
+            lines.append(f"      error: {s.error}")
+        if s.figures:
+            lines.append(f"      {json.dumps(s.figures, default=str)[:400]}")
+        lines.extend(f"      -> {p}" for p in s.outputs[:4])
+    return "\n".join(lines)

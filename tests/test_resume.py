@@ -1,0 +1,115 @@
+"""Resume and stage selection: finished stages come from the cache across flow runs, a changed parameter re-runs
+only its stage and those after it, a failed run resumes in the same MLflow run, and ``sfc status`` tells."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from flows.cli import main
+from flows.config import load_config
+from flows.runs import RunNotFoundError, locate_run, run_status
+from flows.stages import STAGE_NAMES, manifest_url
+from storage import fs
+from tests.test_flow import TINY
+
+
+def _finished_times(run_dir: str) -> dict[str, float]:
+    return {name: json.loads(fs.read_text(manifest_url(run_dir, name)))["finished"] for name in STAGE_NAMES}
+
+
+@pytest.fixture(scope="module")
+def resumable(tmp_path_factory, prefect_harness):
+    from flows.pipeline import sfc_pipeline
+
+    tmp = tmp_path_factory.mktemp("resume")
+    overrides = [*TINY, f"run.root={tmp / 'runs'}", f"data.root={tmp / 'data'}", "run.name=again"]
+    cfg = load_config("configs/synthetic.yaml", overrides)
+    first = sfc_pipeline(cfg.model_dump(mode="json"))
+    return cfg, overrides, first, _finished_times(cfg.run_dir)
+
+
+def test_rerun_takes_every_stage_from_the_cache_and_the_same_mlflow_run(resumable):
+    from flows.pipeline import sfc_pipeline
+
+    cfg, _, first, times = resumable
+    again = sfc_pipeline(cfg.model_dump(mode="json"))
+    assert again["mlflow_run_id"] == first["mlflow_run_id"]
+    assert again["stages"] == first["stages"]
+    assert _finished_times(cfg.run_dir) == times  # no stage ran again
+    checkpoint = first["stages"]["train_cam"]["checkpoint"]
+    assert fs.exists(checkpoint)
+    assert all(s.state == "done" for s in run_status(cfg))
+
+
+def test_changed_parameter_reruns_only_that_stage_and_later(resumable):
+    from flows.pipeline import sfc_pipeline
+
+    cfg, overrides, first, _ = resumable
+    before = {n: json.loads(fs.read_text(manifest_url(cfg.run_dir, n)))["cache_key"] for n in STAGE_NAMES}
+    changed = load_config("configs/synthetic.yaml", [*overrides, "eval_cam.proto_weights=[0.5]"])
+    assert [s.state for s in run_status(changed)] == ["done", "done", "done", "stale"]
+    result = sfc_pipeline(changed.model_dump(mode="json"))
+    after = {n: json.loads(fs.read_text(manifest_url(cfg.run_dir, n)))["cache_key"] for n in STAGE_NAMES}
+    assert {n for n in STAGE_NAMES if before[n] != after[n]} == {"eval_cam"}
+    assert "K+0.5P" in result["stages"]["eval_cam"]["summary"]
+    assert result["stages"]["train_cam"] == first["stages"]["train_cam"]
+    assert result["mlflow_run_id"] != first["mlflow_run_id"]  # another config is another MLflow run
+
+
+def test_missing_outputs_of_a_cached_stage_are_redone(resumable):
+    from flows.pipeline import sfc_pipeline
+
+    cfg, *_ = resumable
+    results = f"{cfg.run_dir}/metrics/cam_eval.json"
+    fs.remove(results)
+    sfc_pipeline(cfg.model_dump(mode="json"), ["eval_cam"])
+    assert fs.exists(results)
+
+
+def test_failed_stage_is_reported_and_resume_finishes_in_the_same_mlflow_run(resumable, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    import tasks.eval_cam
+    from flows.pipeline import sfc_pipeline
+
+    cfg, overrides, first, _ = resumable
+    failing = load_config("configs/synthetic.yaml", [*overrides, "eval_cam.overlays=1"])
+
+    def broken(*args, **kwargs):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(tasks.eval_cam, "overlay_png", broken)
+    with pytest.raises(Exception, match="disk on fire"):
+        sfc_pipeline(failing.model_dump(mode="json"), start="eval_cam")
+    status = {s.name: s for s in run_status(failing)}
+    assert status["eval_cam"].state == "failed" and "disk on fire" in status["eval_cam"].error
+    shown = CliRunner().invoke(main, ["status", failing.run.name, "--root", failing.run.root])
+    assert shown.exit_code == 0 and "failed" in shown.output and "disk on fire" in shown.output
+    client = MlflowClient(failing.tracking_uri())
+    failed_run = client.search_runs([client.get_run(first["mlflow_run_id"]).info.experiment_id],
+                                    f"tags.config_hash = '{failing.digest()}'")[0]
+    assert failed_run.info.status == "FAILED"
+    monkeypatch.undo()
+    resumed = CliRunner().invoke(main, ["resume", failing.run.name, "--root", failing.run.root])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(resumed.output[resumed.output.index("{"):])["mlflow_run_id"] == failed_run.info.run_id
+    assert client.get_run(failed_run.info.run_id).info.status == "FINISHED"
+    assert all(s.state == "done" for s in run_status(failing))
+    assert locate_run(failed_run.info.run_id, failing.run.root).digest() == failing.digest()
+
+
+def test_stage_selection_needs_finished_inputs(tmp_path, prefect_harness):
+    from flows.pipeline import sfc_pipeline
+
+    cfg = load_config("configs/synthetic.yaml", [*TINY, f"run.root={tmp_path}", "run.name=fresh"])
+    with pytest.raises(FileNotFoundError, match="prepare_data.*has not finished"):
+        sfc_pipeline(cfg.model_dump(mode="json"), ["eval_cam"])
+    with pytest.raises(ValueError, match="unknown stage"):
+        sfc_pipeline(cfg.model_dump(mode="json"), ["train_seg_typo"])
+
+
+def test_unknown_run_is_a_clear_error(tmp_path):
+    with pytest.raises(RunNotFoundError, match="no run named 'nope'"):
+        locate_run("nope", str(tmp_path))
+    result = CliRunner().invoke(main, ["resume", "nope", "--root", str(tmp_path)])
+    assert result.exit_code != 0 and "no run named" in result.output and "Traceback" not in result.output
