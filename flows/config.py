@@ -71,6 +71,12 @@ class PipelineConfig(BaseModel):
     def cache_dir(self) -> str:
         return fs.join(self.run.root, "_cache")
 
+    @property
+    def local_dir(self) -> Path:
+        """A local folder for what must stay on local disk (MLflow store, Prefect cache records) when the runs
+        folder is remote: the runs folder itself when it is local."""
+        return _local_root(self.run.root)
+
     def tracking_uri(self) -> str:
         return self.tracking.uri or default_tracking_uri(self.run.root)
 
@@ -91,7 +97,7 @@ def default_tracking_uri(root: str) -> str:
 
 def _local_root(root: str) -> Path:
     """The runs folder on local disk (MLflow's default store and artifacts live there)."""
-    if "://" in root and not root.startswith("file://"):
+    if not fs.is_local(root):
         return Path("runs").resolve()
     path = Path(root.removeprefix("file://")).resolve()
     path.mkdir(parents=True, exist_ok=True)

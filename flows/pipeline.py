@@ -39,9 +39,10 @@ def git_commit() -> str:
 
 
 def cache_storage(cfg: PipelineConfig) -> str:
-    """Where Prefect keeps the stages' cache records: inside a local run directory, else in the local cache."""
-    root = cfg.run_dir if "://" not in cfg.run_dir or cfg.run_dir.startswith("file://") else cfg.cache_dir
-    return str(Path(fs.join(root, ".prefect-cache").removeprefix("file://")).resolve())
+    """Where Prefect keeps the stages' cache records: inside a local run directory, else in a local folder."""
+    if fs.is_local(cfg.run_dir):
+        return str(Path(cfg.run_dir.removeprefix("file://")).resolve() / ".prefect-cache")
+    return str(cfg.local_dir / ".prefect-cache" / cfg.run.name)
 
 
 def _is_transient(task, task_run, state) -> bool:

@@ -16,6 +16,11 @@ def filesystem(url: str) -> tuple[AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(str(url))
 
 
+def is_local(url: str) -> bool:
+    """True for plain paths and ``file://`` URLs."""
+    return "://" not in str(url) or str(url).startswith("file://")
+
+
 def join(url: str, *parts: str) -> str:
     """Join path components onto a URL with '/'."""
     out = str(url).rstrip("/")
