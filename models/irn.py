@@ -140,8 +140,7 @@ class PathIndex:
         directions = torch.stack([dy[keep], dx[keep]], dim=1)
         # on_path[d, u]: offset u = (dy[u], dx[u]) of the candidate grid lies on the path of direction d
         ty, tx = directions[:, :1], directions[:, 1:]
-        on_path = ((dy[None] <= ty) & (dx[None] >= torch.minimum(tx, torch.zeros_like(tx)))
-                   & (dx[None] <= torch.maximum(tx, torch.zeros_like(tx)))
+        on_path = ((dy[None] <= ty) & (dx[None] >= tx.clamp(max=0)) & (dx[None] <= tx.clamp(min=0))
                    & ((ty * dx[None] - tx * dy[None]) ** 2 < ty ** 2 + tx ** 2))
         lengths = on_path.sum(dim=1)
         order = torch.argsort(lengths, stable=True)
@@ -151,10 +150,11 @@ class PathIndex:
         self.src = (sy * width + sx).flatten()
         flat_offset = dy * width + dx
         self.dst = self.src[None] + (self.directions[:, 0] * width + self.directions[:, 1])[:, None]
+        on_path, lengths = on_path[order], lengths[order]
         self.paths = []
         for length in torch.unique(lengths).tolist():
-            group = on_path[order][lengths[order] == length]
-            offsets = torch.stack([flat_offset[row] for row in group])  # (D_g, L_g)
+            group = on_path[lengths == length]  # (D_g, U), each row with ``length`` offsets on the path
+            offsets = flat_offset.expand_as(group)[group].view(len(group), length)
             self.paths.append(self.src[None, None] + offsets[:, :, None])
 
     @property
@@ -253,7 +253,9 @@ def edge_map(model: IRNet, image: torch.Tensor) -> torch.Tensor:
 
     The image and its flip run as one batch of 2, right/bottom zero-padded to a multiple of the network stride
     (the reference pads to a 512 canvas, which fails on larger images); the result is
-    ``sigmoid(e(x)/2 + flip(e(flip(x)))/2)`` cropped to the image's stride-4 size.
+    ``sigmoid(e(x)/2 + flip(e(flip(x)))/2)`` cropped to the image's stride-4 size. The heads' GroupNorm statistics
+    thus cover the image plus < 16 px of padding instead of a 512 canvas, so values differ slightly from the
+    reference's on smaller images.
     """
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"expected a (3, H, W) image, got shape {tuple(image.shape)}")

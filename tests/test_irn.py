@@ -14,7 +14,8 @@ from storage.datasets.irn import IRNTrainingSet, augment_for_irn, ir_label_url
 from storage.datasets.split_files import load_split_file
 from storage.datasets.voc_layout import DataError
 from storage.images import IGNORE_INDEX, read_mask, write_mask
-from tasks.train_irn import TrainIrnConfig, load_irn, train_irn
+from models.sfc import SFCNet
+from tasks.train_irn import TrainIrnConfig, build_model, load_irn, train_irn
 from tests.interrupt import kill_on_call
 from tests.synthetic_splits import synthetic_split_files
 
@@ -225,6 +226,16 @@ def test_bad_checkpoints_are_refused_with_the_file_named(tmp_path):
         load_irn(wrong)
     with pytest.raises(ValueError, match="wrong.pt: an IRN on resnet34, expected resnet50"):
         load_irn(wrong, backbone="resnet50")
+
+
+def test_backbone_can_come_from_a_cam_checkpoint(tmp_path):
+    cam = SFCNet(3, "resnet18")
+    url = str(tmp_path / "final.pt")
+    checkpoints.save(url, {"model": cam.state_dict(), "meta": {}, "step": 1})
+    model = build_model(TrainIrnConfig(backbone="resnet18", weights=url))
+    assert torch.equal(model.backbone.stage3[0].conv1.weight, cam.backbone.stage3[0].conv1.weight)
+    with pytest.raises(ValueError, match="final.pt: its backbone does not fit resnet34"):
+        build_model(TrainIrnConfig(backbone="resnet34", weights=url))
 
 
 def test_config_rejects_radius_too_large_for_crop():
