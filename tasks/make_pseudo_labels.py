@@ -1,0 +1,121 @@
+"""Stage 3c: pseudo labels for the segmenter from the stored CAMs, one VOC-palette PNG per image.
+
+Methods (``method``): ``irn`` random walk on the boundary map of the trained IRN (the reference's VOC path, method
+doc section 7.3), ``crf`` dense CRF on the fused CAM's label map (the reference's COCO path replaces IRN by a
+dense CRF), ``none`` the fused CAM's argmax. The IRN network comes from ``tasks.train_irn`` / ``models.irn``.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing
+from functools import lru_cache
+from typing import Literal
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.pseudo_labels import RandomWalkParams, cam_labels, crf_labels, random_walk_labels
+from storage.datasets.cam_training import normalized_tensor
+from storage.tracking import Tracker
+from tasks.label_maps import load_image_and_cams, open_inputs, write_all, write_labels
+from tasks.make_ir_labels import CrfConfig
+from tasks.parallel import default_workers
+from tasks.train_cam import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+class PseudoLabelConfig(BaseModel):
+    """Pseudo labels (method doc section 7.3); random-walk defaults are the reference's ``make_seg_labels``."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["irn", "crf", "none"] = "irn"
+    proto_weight: float = Field(0.3, ge=0, description="scores are K + proto_weight * P")
+    beta: float = Field(10, gt=0, description="random walk: affinity exponent")
+    exp_times: int = Field(8, ge=0, le=12, description="random walk: 2**exp_times steps")
+    radius: int = Field(5, ge=2, description="random walk: neighbourhood radius on the stride-4 grid")
+    power: float = Field(1.3, gt=0, description="random walk: scores ** power before walking")
+    bg: float = Field(0.25, ge=0, description="random walk: constant background of the foreground-only branch")
+    double_power: bool = Field(True, description="random walk: raise the all-channel branch to power twice, as "
+                                                 "the reference does (total 1.69); false: once")
+    bg_threshold: float | None = Field(
+        None, ge=0, le=1, description="crf / none: background score against the foreground scores in [0, 1] "
+                                      "(tasks.eval_cam's best threshold); null: the stored background channel")
+    gt_prob: float = Field(0.7, gt=0, lt=1, description="crf: confidence of the label unary")
+    crf: CrfConfig = CrfConfig()
+    workers: int | None = Field(None, ge=1, description="worker processes on CPU (default one per core); a CUDA "
+                                                        "device uses one process")
+
+    def random_walk_params(self) -> RandomWalkParams:
+        return RandomWalkParams(self.proto_weight, self.power, self.bg, self.double_power, self.radius, self.beta,
+                                self.exp_times)
+
+
+@lru_cache(maxsize=1)
+def _irn_model(checkpoint_url: str, device: str):
+    """The IRN network of a checkpoint, loaded once per worker process."""
+    from tasks.train_irn import load_irn
+
+    return load_irn(checkpoint_url, device)
+
+
+def edge_map_of(image: np.ndarray, checkpoint_url: str, device: str) -> torch.Tensor:
+    """IRN's (h/4, w/4) boundary map in [0, 1] of an RGB uint8 image, on ``device``."""
+    from PIL import Image
+
+    from models.irn import edge_map
+
+    tensor = normalized_tensor(Image.fromarray(image)).to(device)
+    with torch.no_grad():
+        return edge_map(_irn_model(checkpoint_url, device), tensor)
+
+
+def pseudo_label_job(cfg: PseudoLabelConfig, store_url: str, out_dir: str, device: str, checkpoint_url: str | None,
+                     threads: int, item: tuple[str, str]) -> np.ndarray:
+    """Compute and write the pseudo label of one (image_id, image_url); returns its pixel counts. Runs in a worker
+    process (there with ``threads`` torch threads) or in the caller's process."""
+    if multiprocessing.parent_process() is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    image_id, image_url = item
+    image, keys, proto_cam, cam = load_image_and_cams(store_url, image_id, image_url)
+    if cfg.method == "none":
+        labels = cam_labels(keys, proto_cam, cam, cfg.proto_weight, cfg.bg_threshold)
+    elif cfg.method == "crf":
+        labels = crf_labels(image, keys, proto_cam, cam, cfg.proto_weight, cfg.bg_threshold, cfg.gt_prob,
+                            cfg.crf.params())
+    else:
+        edge = edge_map_of(image, checkpoint_url, device)
+        with torch.no_grad():
+            labels = random_walk_labels(keys, torch.from_numpy(proto_cam).to(device), torch.from_numpy(cam).to(device),
+                                        edge.to(device=device, dtype=torch.float32), cfg.random_walk_params())
+    return write_labels(out_dir, image_id, labels)
+
+
+def make_pseudo_labels(cfg: PseudoLabelConfig, store_url: str, split_url: str, out_dir: str, device: str = "auto",
+                       tracker: Tracker | None = None, irn_checkpoint: str | None = None) -> dict:
+    """Write ``<out_dir>/<id>.png`` for every image of the split with the configured method; images already
+    written are skipped (resume). ``irn_checkpoint`` (the trained IRN) is required by method ``irn``."""
+    tracker = tracker or Tracker.null()
+    if cfg.method == "irn" and not irn_checkpoint:
+        raise ValueError("pseudo-label method 'irn' needs the IRN checkpoint (irn_checkpoint); "
+                         "use method 'crf' or 'none' without IRN")
+    _, split = open_inputs(store_url, split_url)
+    torch_device = resolve_device(device)
+    workers = 1 if torch_device.type != "cpu" else cfg.workers or default_workers()
+    job = functools.partial(pseudo_label_job, cfg, store_url, out_dir, str(torch_device), irn_checkpoint,
+                            max(1, default_workers() // workers))
+    manifest = write_all(job, split, out_dir, workers, f"pseudo_labels[{cfg.method}]")
+    manifest.update({"method": cfg.method, "device": str(torch_device), "irn_checkpoint": irn_checkpoint})
+    log.info("pseudo labels (%s): %d written, %d skipped in %.1f s", cfg.method, manifest["written"],
+             manifest["skipped"], manifest["seconds"])
+    tracker.log_params({"pseudo_labels": cfg.model_dump(mode="json"), "irn_checkpoint": irn_checkpoint})
+    tracker.log_metrics({"images": manifest["images"], "written": manifest["written"], "seconds": manifest["seconds"],
+                         **{f"fraction/{k}": v for k, v in manifest["label_fractions"].items()}})
+    return manifest
+
+
+make_pseudo_labels_task = task(make_pseudo_labels, name="make_pseudo_labels", cache_policy=NO_CACHE)
