@@ -2,7 +2,6 @@
 section 7.1), one palette PNG per image (0 background, c foreground, 255 ignore), the training labels of IRN."""
 from __future__ import annotations
 
-import functools
 import logging
 
 from prefect import task
@@ -10,9 +9,9 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.crf import CrfParams
-from models.ir_labels import ir_label
 from storage.tracking import Tracker
-from tasks.label_maps import load_image_and_cams, open_inputs, write_all, write_labels
+from tasks.ir_label_worker import IrLabelJob
+from tasks.label_maps import open_inputs, write_all
 
 log = logging.getLogger(__name__)
 
@@ -43,21 +42,13 @@ class IrLabelConfig(BaseModel):
     workers: int | None = Field(None, ge=1, description="worker processes; default: one per core")
 
 
-def ir_label_job(cfg: IrLabelConfig, store_url: str, out_dir: str, item: tuple[str, str]):
-    """Compute and write the IR label of one (image_id, image_url); returns its pixel counts. Runs in a worker."""
-    image_id, image_url = item
-    image, keys, proto_cam, cam = load_image_and_cams(store_url, image_id, image_url)
-    labels = ir_label(image, keys, cam, proto_cam, cfg.proto_weight, cfg.bg_scale, cfg.gt_prob, cfg.crf.params())
-    return write_labels(out_dir, image_id, labels)
-
-
 def make_ir_labels(cfg: IrLabelConfig, store_url: str, split_url: str, out_dir: str,
                    tracker: Tracker | None = None) -> dict:
     """Write ``<out_dir>/<id>.png`` for every image of the split from its CAMs in the store; images already written
     are skipped (resume). Returns the manifest (counts, timing, background / foreground / ignore fractions)."""
     tracker = tracker or Tracker.null()
     _, split = open_inputs(store_url, split_url)
-    job = functools.partial(ir_label_job, cfg, store_url, out_dir)
+    job = IrLabelJob(store_url, out_dir, cfg.proto_weight, cfg.bg_scale, cfg.gt_prob, cfg.crf.params())
     manifest = write_all(job, split, out_dir, cfg.workers, "ir_labels")
     log.info("IR labels: %d written, %d skipped, fractions %s", manifest["written"], manifest["skipped"],
              manifest["label_fractions"])

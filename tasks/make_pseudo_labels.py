@@ -6,24 +6,19 @@ dense CRF), ``none`` the fused CAM's argmax. The IRN network comes from ``tasks.
 """
 from __future__ import annotations
 
-import functools
 import logging
-import multiprocessing
-from functools import lru_cache
 from typing import Literal
 
-import numpy as np
-import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.pseudo_labels import RandomWalkParams, cam_labels, crf_labels, random_walk_labels
-from storage.datasets.cam_training import normalized_tensor
+from models.pseudo_labels import RandomWalkParams
 from storage.tracking import Tracker
-from tasks.label_maps import load_image_and_cams, open_inputs, write_all, write_labels
+from tasks.label_maps import open_inputs, write_all
 from tasks.make_ir_labels import CrfConfig
 from tasks.parallel import default_workers
+from tasks.pseudo_label_worker import PseudoLabelJob
 from tasks.train_cam import resolve_device
 
 log = logging.getLogger(__name__)
@@ -55,46 +50,6 @@ class PseudoLabelConfig(BaseModel):
                                 self.exp_times)
 
 
-@lru_cache(maxsize=1)
-def _irn_model(checkpoint_url: str, device: str):
-    """The IRN network of a checkpoint, loaded once per worker process."""
-    from tasks.train_irn import load_irn
-
-    return load_irn(checkpoint_url, device)
-
-
-def edge_map_of(image: np.ndarray, checkpoint_url: str, device: str) -> torch.Tensor:
-    """IRN's (h/4, w/4) boundary map in [0, 1] of an RGB uint8 image, on ``device``."""
-    from PIL import Image
-
-    from models.irn import edge_map
-
-    tensor = normalized_tensor(Image.fromarray(image)).to(device)
-    with torch.no_grad():
-        return edge_map(_irn_model(checkpoint_url, device), tensor)
-
-
-def pseudo_label_job(cfg: PseudoLabelConfig, store_url: str, out_dir: str, device: str, checkpoint_url: str | None,
-                     threads: int, item: tuple[str, str]) -> np.ndarray:
-    """Compute and write the pseudo label of one (image_id, image_url); returns its pixel counts. Runs in a worker
-    process (there with ``threads`` torch threads) or in the caller's process."""
-    if multiprocessing.parent_process() is not None and torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-    image_id, image_url = item
-    image, keys, proto_cam, cam = load_image_and_cams(store_url, image_id, image_url)
-    if cfg.method == "none":
-        labels = cam_labels(keys, proto_cam, cam, cfg.proto_weight, cfg.bg_threshold)
-    elif cfg.method == "crf":
-        labels = crf_labels(image, keys, proto_cam, cam, cfg.proto_weight, cfg.bg_threshold, cfg.gt_prob,
-                            cfg.crf.params())
-    else:
-        edge = edge_map_of(image, checkpoint_url, device)
-        with torch.no_grad():
-            labels = random_walk_labels(keys, torch.from_numpy(proto_cam).to(device), torch.from_numpy(cam).to(device),
-                                        edge.to(device=device, dtype=torch.float32), cfg.random_walk_params())
-    return write_labels(out_dir, image_id, labels)
-
-
 def make_pseudo_labels(cfg: PseudoLabelConfig, store_url: str, split_url: str, out_dir: str, device: str = "auto",
                        tracker: Tracker | None = None, irn_checkpoint: str | None = None) -> dict:
     """Write ``<out_dir>/<id>.png`` for every image of the split with the configured method; images already
@@ -106,8 +61,9 @@ def make_pseudo_labels(cfg: PseudoLabelConfig, store_url: str, split_url: str, o
     _, split = open_inputs(store_url, split_url)
     torch_device = resolve_device(device)
     workers = 1 if torch_device.type != "cpu" else cfg.workers or default_workers()
-    job = functools.partial(pseudo_label_job, cfg, store_url, out_dir, str(torch_device), irn_checkpoint,
-                            max(1, default_workers() // workers))
+    job = PseudoLabelJob(store_url, out_dir, cfg.method, cfg.proto_weight, cfg.bg_threshold, cfg.gt_prob,
+                         cfg.crf.params(), cfg.random_walk_params(), str(torch_device), irn_checkpoint,
+                         max(1, default_workers() // workers))
     manifest = write_all(job, split, out_dir, workers, f"pseudo_labels[{cfg.method}]")
     manifest.update({"method": cfg.method, "device": str(torch_device), "irn_checkpoint": irn_checkpoint})
     log.info("pseudo labels (%s): %d written, %d skipped in %.1f s", cfg.method, manifest["written"],
