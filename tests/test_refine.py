@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
@@ -48,8 +49,6 @@ def _pngs(folder):
 
 def gradient_edges(image: np.ndarray, checkpoint_url: str, device: str):
     """A stand-in for IRN's boundary map: the image's colour gradient, max-pooled to stride 4, in [0, 1]."""
-    import torch.nn.functional as F
-
     grey = torch.from_numpy(image.astype(np.float32).mean(axis=2))
     grad = torch.zeros_like(grey)
     grad[:, 1:] = (grey[:, 1:] - grey[:, :-1]).abs()
