@@ -36,6 +36,19 @@ def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> tuple
     return canvas, valid
 
 
+def random_crop_pair(image: np.ndarray, label: np.ndarray, size: int, label_fill: int, rng: np.random.Generator
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """The same random ``size`` x ``size`` window of an image (padded with 0) and its label map (padded with
+    ``label_fill``), with the offsets of :func:`random_crop`."""
+    height, width = image.shape[:2]
+    image_out = np.zeros((size, size) + image.shape[2:], dtype=image.dtype)
+    label_out = np.full((size, size), label_fill, dtype=label.dtype)
+    (dst_y, src_y, len_y), (dst_x, src_x, len_x) = (_crop_window(n, size, rng) for n in (height, width))
+    image_out[dst_y:dst_y + len_y, dst_x:dst_x + len_x] = image[src_y:src_y + len_y, src_x:src_x + len_x]
+    label_out[dst_y:dst_y + len_y, dst_x:dst_x + len_x] = label[src_y:src_y + len_y, src_x:src_x + len_x]
+    return image_out, label_out
+
+
 def _crop_window(length: int, size: int, rng: np.random.Generator) -> tuple[int, int, int]:
     """(offset in canvas, offset in image, copied length) along one axis."""
     space = length - size

@@ -1,0 +1,268 @@
+"""Stage 3a: train the inter-pixel relation network (IRN) on IR labels, resumable from checkpoints (method doc 7.2).
+
+Deviations available as options (reference defaults): ``scale_range`` (the reference's effective U[0.5, 1.0]; IRN
+and SIPE use [0.5, 1.5]), ``weights`` may name a CAM checkpoint of this project instead of ImageNet weights (the
+CPU demo has no pretrained weights), ``mean_shift_images`` (the reference averages over VOC train, 1464 images).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Literal
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from models.backbone import BACKBONES
+from models.irn import STRIDE, IRNet, PathIndex, feature_size, irn_losses
+from models.optim import poly_sgd
+from storage import checkpoints, fs
+from storage.datasets.cam_training import EpochBatchSampler
+from storage.datasets.irn import IRNTrainingSet, TopLeftCropSet, ir_label_digest
+from storage.datasets.split_files import load_split_file
+from storage.datasets.voc_layout import Split
+from storage.tracking import Tracker
+from tasks.train_cam import config_hash, resolve_device
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "train_irn.json"
+FINAL = "irn.pt"
+KIND = "irn"
+LOSS_WINDOW = 20  # steps averaged for the first/last losses of the manifest
+
+
+class TrainIrnConfig(BaseModel):
+    """IRN training (method doc 7.2); defaults are the reference's."""
+
+    model_config = ConfigDict(extra="forbid")
+    backbone: Literal[BACKBONES] = "resnet50"  # type: ignore[valid-type]
+    weights: str | None = Field(
+        None, description="frozen backbone weights: a torchvision ResNet state dict, or a CAM checkpoint of this "
+                          "project (its backbone is used; a deviation for runs without ImageNet weights)")
+    crop: int = Field(512, ge=32, le=2048)
+    scale_range: tuple[float, float] = Field(
+        (0.5, 1.0), description="random rescale range; the reference's effective [0.5, 1.0] (IRN/SIPE: [0.5, 1.5])")
+    radius: int = Field(10, ge=2, description="pairs within this radius at stride 4")
+    batch_size: int = Field(32, ge=1)
+    epochs: int = Field(3, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
+    lr: float = Field(0.1, gt=0, description="edge branch learning rate")
+    displacement_lr_mult: float = Field(10.0, gt=0, description="displacement branch lr = lr x this")
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(1e-4, ge=0, lt=1, description="reference quirk: weight decay passed as momentum")
+    poly_power: float = Field(0.9, ge=0)
+    mean_shift_images: int | None = Field(
+        None, ge=1, description="first N training images for the mean displacement (None: all)")
+    num_workers: int = Field(2, ge=0)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _sizes_consistent(self) -> TrainIrnConfig:
+        if self.crop % STRIDE:
+            raise ValueError(f"crop must be a multiple of {STRIDE}, got {self.crop}")
+        side = self.crop // 4
+        if side <= 2 * (self.radius - 1):
+            raise ValueError(f"radius {self.radius} is too large for crop {self.crop}: the stride-4 crop side "
+                             f"{side} must exceed 2 x (radius - 1)")
+        low, high = self.scale_range
+        if not 0 < low <= high:
+            raise ValueError(f"scale_range must satisfy 0 < low <= high, got {self.scale_range}")
+        return self
+
+
+def build_model(cfg: TrainIrnConfig) -> IRNet:
+    model = IRNet(cfg.backbone)
+    if cfg.weights:
+        load_backbone_weights(model, cfg.weights)
+    return model
+
+
+def load_backbone_weights(model: IRNet, url: str) -> None:
+    """Load a torchvision ResNet state dict, or the backbone of a CAM checkpoint (keys ``backbone.*``)."""
+    state = checkpoints.load_pretrained(url)
+    if not any(key.startswith("backbone.") for key in state):
+        model.backbone.load_torchvision_state_dict(state)
+        return
+    backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    try:
+        model.backbone.load_state_dict(backbone)
+    except RuntimeError as err:
+        raise ValueError(f"{url}: its backbone does not fit {model.backbone.name} ({str(err).splitlines()[0]})") \
+            from err
+
+
+def load_irn(checkpoint: str, device: str | torch.device = "cpu", backbone: str | None = None) -> IRNet:
+    """The trained IRN of ``checkpoint`` in eval mode; a file that is not an IRN checkpoint, or one on another
+    backbone than ``backbone`` (when given), is a ValueError naming it."""
+    state = checkpoints.load(checkpoint)
+    meta = state.get("meta") if isinstance(state, dict) else None
+    if not isinstance(meta, dict) or meta.get("kind") != KIND or not isinstance(state.get("model"), dict):
+        raise ValueError(f"{checkpoint}: not an IRN checkpoint (written by train_irn)")
+    if backbone is not None and meta.get("backbone") != backbone:
+        raise ValueError(f"{checkpoint}: an IRN on {meta.get('backbone')}, expected {backbone}")
+    model = IRNet(meta["backbone"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise ValueError(f"{checkpoint}: weights do not fit an IRN on {meta['backbone']} "
+                         f"({str(err).splitlines()[0]})") from err
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def mean_displacement(model: IRNet, split: Split, cfg: TrainIrnConfig, device: torch.device) -> torch.Tensor:
+    """Mean displacement (2,) over the training images, each top-left cropped into a ``crop`` canvas (the whole
+    canvas averaged, as the reference), with the mean shift at zero; images weigh equally."""
+    model.eval()
+    model.mean_shift.running_mean.zero_()
+    dataset = TopLeftCropSet(split, cfg.crop)
+    if cfg.mean_shift_images is not None:
+        dataset = Subset(dataset, range(min(cfg.mean_shift_images, len(dataset))))
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+    total = torch.zeros(2, dtype=torch.float64)
+    for images in tqdm(loader, desc="irn mean shift", unit="batch", dynamic_ncols=True):
+        _, displacement = model(images.to(device))
+        total += displacement.mean(dim=(2, 3)).double().sum(dim=0).cpu()
+    return (total / len(dataset)).float()
+
+
+def _resume_state(model: IRNet, optimizer, scheduler, step: int, cfg_hash: str) -> dict:
+    """Everything a killed run needs to continue; the frozen backbone is left out (it is rebuilt identically)."""
+    heads = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    return {"heads": heads, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "step": step, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
+            "config_hash": cfg_hash}
+
+
+def _apply_resume_state(state: dict, model: IRNet, optimizer, scheduler) -> int:
+    missing, unexpected = model.load_state_dict(state["heads"], strict=False)
+    if unexpected or any(not k.startswith("backbone.") for k in missing):
+        raise ValueError(f"step checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    return int(state["step"])
+
+
+def train_irn(
+    cfg: TrainIrnConfig,
+    ir_label_dir: str,
+    split_file: str,
+    out_dir: str,
+    seed: int,
+    device: str = "auto",
+    tracker: Tracker | None = None,
+) -> dict:
+    """Train IRN on the IR labels ``<ir_label_dir>/<image_id>.png`` of the split's images, then store the mean
+    displacement in the model; returns the stage manifest (also written to ``out_dir``).
+
+    Step checkpoints hold model, optimiser, scheduler, step and RNG states, so a killed run resumes from the last
+    one and ends with the same weights. A finished stage (manifest with the same config hash, which covers the
+    config, seed, image ids and IR label contents) is returned without training.
+    """
+    tracker = tracker or Tracker.null()
+    split = load_split_file(split_file)
+    label_digest = ir_label_digest(ir_label_dir, split.ids)
+    cfg_hash = config_hash(cfg, str(seed), ",".join(split.ids), label_digest)
+    manifest_url = fs.join(out_dir, MANIFEST)
+    if fs.exists(manifest_url):
+        manifest = json.loads(fs.read_text(manifest_url))
+        if manifest.get("config_hash") == cfg_hash and fs.exists(manifest["checkpoint"]):
+            log.info("IRN training already finished: %s", manifest["checkpoint"])
+            return manifest
+
+    torch_device = resolve_device(device)
+    torch.manual_seed(seed)
+    model = build_model(cfg).to(torch_device).train()
+    steps_per_epoch = len(split.ids) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{split_file}: {len(split.ids)} images, fewer than batch_size={cfg.batch_size}")
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    optimizer, scheduler = poly_sgd(model.parameter_groups(), cfg.lr, cfg.displacement_lr_mult, cfg.weight_decay,
+                                    cfg.momentum, total_steps, cfg.poly_power)
+    paths = PathIndex(cfg.radius, feature_size(cfg.crop, cfg.crop)).to(torch_device)
+    num_labels = len(split.class_names)
+
+    ckpt_dir = fs.join(out_dir, "checkpoints")
+    start_step = 0
+    existing = checkpoints.step_checkpoints(ckpt_dir)
+    if existing:
+        state = checkpoints.load(existing[-1][1], weights_only=False)
+        if state.get("config_hash") != cfg_hash:
+            raise ValueError(f"{existing[-1][1]} was written with another config; remove {ckpt_dir} or use a new "
+                             "run name")
+        start_step = _apply_resume_state(state, model, optimizer, scheduler)
+        log.info("resuming IRN training from step %d (%s)", start_step, existing[-1][1])
+
+    tracker.log_params({"train_irn": cfg.model_dump(), "seed": seed, "total_steps": total_steps,
+                        "train_images": len(split.ids), "ir_label_dir": ir_label_dir,
+                        "ir_label_digest": label_digest, "pair_directions": paths.num_directions})
+    sampler = EpochBatchSampler(len(split.ids), cfg.batch_size, seed, total_steps, start_step)
+    loader = DataLoader(IRNTrainingSet(split, ir_label_dir, cfg.crop, cfg.scale_range), batch_sampler=sampler,
+                        num_workers=cfg.num_workers, pin_memory=torch_device.type == "cuda")
+    started, images_seen = time.perf_counter(), 0
+    history: list[dict[str, float]] = []
+    progress = tqdm(total=total_steps, initial=start_step, desc="train_irn", unit="step", dynamic_ncols=True)
+    for step, batch in zip(range(start_step, total_steps), loader):
+        images = batch["image"].to(torch_device, non_blocking=True)
+        labels = batch["label"].to(torch_device, non_blocking=True)
+        edge, displacement = model(images)
+        losses = irn_losses(edge, displacement, labels, paths, num_labels)
+        optimizer.zero_grad(set_to_none=True)
+        losses.total.backward()
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        optimizer.step()
+        scheduler.step()
+        images_seen += images.shape[0]
+        values = losses.as_floats()
+        history.append(values)
+        progress.update(1)
+        progress.set_postfix(loss=f"{values['loss']:.4f}")
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total_steps:
+            tracker.log_metrics({**values, "lr_edge": lrs[0], "lr_displacement": lrs[1]}, step=done)
+        if done % cfg.checkpoint_every == 0 or done == total_steps:
+            checkpoints.save(checkpoints.step_url(ckpt_dir, done),
+                             _resume_state(model, optimizer, scheduler, done, cfg_hash))
+            checkpoints.prune(ckpt_dir, cfg.keep_checkpoints)
+    progress.close()
+    seconds = time.perf_counter() - started
+
+    shift = mean_displacement(model, split, cfg, torch_device)
+    model.mean_shift.running_mean.copy_(shift.to(torch_device))
+    log.info("IRN mean displacement (dy, dx): %.4f, %.4f", *shift.tolist())
+    final_url = fs.join(out_dir, FINAL)
+    meta = {"kind": KIND, "backbone": cfg.backbone, "radius": cfg.radius, "crop": cfg.crop,
+            "class_names": list(split.class_names), "mean_shift": shift.tolist(), "config_hash": cfg_hash}
+    checkpoints.save(final_url, {"model": model.state_dict(), "meta": meta, "step": total_steps})
+    manifest = {
+        "config_hash": cfg_hash, "steps": total_steps, "checkpoint": final_url, "mean_shift": shift.tolist(),
+        "ir_label_digest": label_digest, "train_seconds": seconds,
+        "images_per_second": images_seen / seconds if seconds > 0 and images_seen else None,
+        "first_losses": _mean_losses(history[:LOSS_WINDOW]), "last_losses": _mean_losses(history[-LOSS_WINDOW:]),
+    }
+    tracker.log_metrics({"train_seconds": seconds, "mean_shift_dy": shift[0].item(), "mean_shift_dx": shift[1].item()})
+    tracker.set_tags({"irn_checkpoint": final_url})
+    fs.write_text(manifest_url, json.dumps(manifest, indent=2))
+    tracker.log_dict(manifest, "train_irn/manifest.json")
+    return manifest
+
+
+def _mean_losses(values: list[dict[str, float]]) -> dict[str, float] | None:
+    """Mean of each loss term over a window of steps (single steps are noisy)."""
+    if not values:
+        return None
+    return {key: float(np.mean([v[key] for v in values])) for key in values[0]}
+
+
+train_irn_task = task(train_irn, name="train_irn", cache_policy=NO_CACHE)
