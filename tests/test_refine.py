@@ -4,13 +4,13 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 import tasks.ir_label_worker as ir_module
-import tasks.pseudo_label_worker as pl_module
+from models.irn import IRNet
 from models.metrics import ConfusionMatrix
+from storage import checkpoints
 from storage.cam_store import CamStore, CamStoreError
 from storage.datasets.split_files import load_split_file, save_split
 from storage.datasets.voc_layout import DataError
@@ -34,27 +34,8 @@ def setup(tmp_path_factory):
     return root, urls["train_aug"], str(root / "cams.zarr"), split
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Tiny sparse products are fastest single-threaded (as the stage's worker processes run them)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _pngs(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
-def gradient_edges(image: np.ndarray, checkpoint_url: str, device: str):
-    """A stand-in for IRN's boundary map: the image's colour gradient, max-pooled to stride 4, in [0, 1]."""
-    grey = torch.from_numpy(image.astype(np.float32).mean(axis=2))
-    grad = torch.zeros_like(grey)
-    grad[:, 1:] = (grey[:, 1:] - grey[:, :-1]).abs()
-    grad[1:] = torch.maximum(grad[1:], (grey[1:] - grey[:-1]).abs())
-    edge = F.max_pool2d(grad[None, None], 4, 4, ceil_mode=True)[0, 0]
-    return (edge / edge.max().clamp_min(1e-6)).to(device)
 
 
 def test_ir_labels_resume_after_a_kill_to_identical_pngs(setup, tmp_path, monkeypatch):
@@ -120,12 +101,29 @@ def test_bad_inputs_name_the_image(setup, tmp_path):
         make_pseudo_labels(PseudoLabelConfig(), store_url, split_url, str(tmp_path / "e"), "cpu")
 
 
+@pytest.fixture
+def one_torch_thread():
+    """As in the stage's worker processes: tiny sparse products are fastest on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def irn_checkpoint(setup):
+    """A randomly initialised IRN saved as train_irn saves it."""
+    torch.manual_seed(0)
+    url = str(setup[0] / "irn.pt")
+    checkpoints.save(url, {"model": IRNet("resnet18").state_dict(), "meta": {"kind": "irn", "backbone": "resnet18"}})
+    return url
+
+
 @pytest.mark.parametrize("method,workers", [("none", 1), ("crf", 2), ("irn", 1)])
-def test_every_method_writes_valid_label_pngs(setup, tmp_path, monkeypatch, one_torch_thread, method, workers):
+def test_every_method_writes_valid_label_pngs(setup, irn_checkpoint, one_torch_thread, tmp_path, method, workers):
     root, split_url, store_url, split = setup
-    monkeypatch.setattr(pl_module, "edge_map_of", gradient_edges)
     cfg = PseudoLabelConfig(method=method, workers=workers)
-    manifest = make_pseudo_labels(cfg, store_url, split_url, str(tmp_path), "cpu", irn_checkpoint="unused.pt")
+    manifest = make_pseudo_labels(cfg, store_url, split_url, str(tmp_path), "cpu", irn_checkpoint=irn_checkpoint)
     assert (manifest["written"], manifest["method"]) == (len(split.ids), method)
     assert manifest["label_fractions"]["ignore"] == 0
     for row, image_id in enumerate(split.ids):
@@ -134,7 +132,7 @@ def test_every_method_writes_valid_label_pngs(setup, tmp_path, monkeypatch, one_
         labels = read_mask(str(path))
         assert labels.shape == read_rgb(split.image_url(image_id)).shape[:2]
         assert set(np.unique(labels)) <= {0, *(np.flatnonzero(split.labels[row]) + 1)}
-    again = make_pseudo_labels(cfg, store_url, split_url, str(tmp_path), "cpu", irn_checkpoint="unused.pt")
+    again = make_pseudo_labels(cfg, store_url, split_url, str(tmp_path), "cpu", irn_checkpoint=irn_checkpoint)
     assert again["written"] == 0 and again["skipped"] == len(split.ids)
 
 
