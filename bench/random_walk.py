@@ -29,6 +29,9 @@ Run from the repository root (needs only torch and numpy)::
     python bench/random_walk.py                        # CPU; results in bench/results/random_walk-cpu.json
     python bench/random_walk.py --device cuda          # CUDA; results in bench/results/random_walk-cuda.json
 
+Every run uses ``--threads`` torch threads (default 1, as the stage's worker processes; with 2 threads on a busy
+2-core machine the 256 small sparse products ran 10-20x slower).
+
 Targets: >= 5x less peak memory than dense at 128x128 with outputs equal within 1e-4.
 """
 from __future__ import annotations
@@ -112,9 +115,10 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def worker(name: str, height: int, width: int, channels: int, device: str, out: str) -> dict:
+def worker(name: str, height: int, width: int, channels: int, device: str, threads: int, out: str) -> dict:
     """One measurement in this (fresh) process."""
     torch.set_flush_denormal(True)
+    torch.set_num_threads(threads)
     small_x, small_edge = inputs(12, 12, channels, device)
     run_impl(name, small_x, small_edge)  # warm-up: kernels, lazy initialisation
     x, edge = inputs(height, width, channels, device)
@@ -148,9 +152,9 @@ def available_bytes(device: str) -> int:
     return 0
 
 
-def measure(name: str, size: int, channels: int, device: str, folder: str) -> dict:
+def measure(name: str, size: int, channels: int, device: str, threads: int, folder: str) -> dict:
     out = os.path.join(folder, f"{name}-{size}.npy")
-    command = [sys.executable, __file__, "--worker", name, str(size), str(channels), device, out]
+    command = [sys.executable, __file__, "--worker", name, str(size), str(channels), device, str(threads), out]
     done = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT)
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "output": out}
 
@@ -160,20 +164,23 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2, help="repeats of the sparse runs (dense: once)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads of every run (the pseudo-label "
+                                                                "stage runs one single-threaded process per core)")
     parser.add_argument("--small", type=int, default=48, help="grid where dense-square also runs on CPU")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--worker", nargs=5, metavar=("IMPL", "SIZE", "CHANNELS", "DEVICE", "OUT"))
+    parser.add_argument("--worker", nargs=6, metavar=("IMPL", "SIZE", "CHANNELS", "DEVICE", "THREADS", "OUT"))
     args = parser.parse_args()
     if args.worker:
-        name, size, channels, device, out = args.worker
-        print(json.dumps(worker(name, int(size), int(size), int(channels), device, out)))
+        name, size, channels, device, threads, out = args.worker
+        print(json.dumps(worker(name, int(size), int(size), int(channels), device, int(threads), out)))
         return
 
     cuda = args.device.startswith("cuda")
     big = ["sparse", "sparse-float64", "sparse-squared", "dense-apply"] + (["dense-square"] if cuda else [])
     plan = {args.small: ["sparse", "sparse-float64", "dense-apply", "dense-square"], 128: big, 256: big}
     results: dict = {"benchmark": "random_walk", "device": args.device, "python": platform.python_version(),
-                     "torch": torch.__version__, "cpus": os.cpu_count(), "channels": args.channels,
+                     "torch": torch.__version__, "cpus": os.cpu_count(), "threads": args.threads,
+                     "channels": args.channels,
                      "radius": RADIUS, "beta": BETA, "exp_times": EXP_TIMES,
                      "load_average_start": os.getloadavg(), "sizes": {}}
     with tempfile.TemporaryDirectory() as folder:
@@ -189,7 +196,7 @@ def main() -> None:
                         print(f"{size}x{size} {name}: does not fit ({need / 2**30:.1f} GiB needed, "
                               f"{have / 2**30:.1f} GiB available)", flush=True)
                         continue
-                run = measure(name, size, args.channels, args.device, folder)
+                run = measure(name, size, args.channels, args.device, args.threads, folder)
                 runs[name].append(run)
                 print(f"{size}x{size} {name}: {run['seconds']:.3f} s, peak {run['peak_bytes'] / 2**20:.1f} MiB",
                       flush=True)

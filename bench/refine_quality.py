@@ -5,11 +5,13 @@ evaluation does):
 
 * ``none``: argmax of K + 0.3 P with the stored background channel (the reference's rule), and with the best
   constant background threshold of a small sweep (the ``bg_threshold`` option);
-* ``crf``: the dense CRF on that label map (reference CRF parameters, gt_prob 0.7);
-* ``irn``: the random walk with double_power true (the reference) and false, on two stand-in boundary maps,
-  since no IRN is trained here: ``gt`` (ground-truth class boundaries, max-pooled to stride 4: an upper bound
-  of what a perfect IRN gives) and ``image`` (the colour gradient of the image, max-pooled to stride 4,
-  normalised: a weak, texture-sensitive boundary map).
+* ``crf``: the dense CRF on those label maps (stored background, and the best threshold of the sweep;
+  reference CRF parameters, gt_prob 0.7);
+* ``irn``: the random walk with double_power true (the reference) and false, and with 2**6 instead of 2**8
+  steps, on stand-in boundary maps, since no IRN is trained here: ``gt-hard`` (ground-truth class boundaries,
+  max-pooled to stride 4: every cell touching a boundary is 1, what a perfect IRN gives), ``gt-soft`` (the same,
+  average-pooled: boundary cells get 0.1-0.45, a weak IRN) and ``image`` (the colour gradient of the image,
+  max-pooled to stride 4, divided by its maximum: texture-sensitive).
 
     python bench/refine_quality.py                         # fake CAMs from GT masks on a generated synthetic set
     python bench/refine_quality.py --store runs/x/cams.zarr --split runs/x/splits/val.json   # a real CAM store
@@ -42,18 +44,22 @@ from storage.datasets.voc_layout import VOCLayoutDataset  # noqa: E402
 from storage.images import read_mask, read_rgb  # noqa: E402
 from tests.fake_cams import fake_cam_store  # noqa: E402
 
+EDGES = ("gt-hard", "gt-soft", "image")
+WALKS = {"double": RandomWalkParams(), "single": RandomWalkParams(double_power=False),
+         "double-64steps": RandomWalkParams(exp_times=6)}
 
-def stride4(boundary: torch.Tensor) -> torch.Tensor:
-    """(H, W) -> ((H-1)//4+1, (W-1)//4+1) by 4x4 max pooling."""
-    return F.max_pool2d(boundary[None, None], 4, 4, ceil_mode=True)[0, 0]
+
+def stride4(boundary: torch.Tensor, pool=F.max_pool2d) -> torch.Tensor:
+    """(H, W) -> ((H-1)//4+1, (W-1)//4+1) by 4x4 pooling."""
+    return pool(boundary[None, None], 4, 4, ceil_mode=True)[0, 0]
 
 
-def gt_edges(mask: np.ndarray) -> torch.Tensor:
+def gt_edges(mask: np.ndarray, pool) -> torch.Tensor:
     labels = torch.from_numpy(mask.astype(np.int64))
     boundary = torch.zeros(labels.shape)
     boundary[:, 1:] = (labels[:, 1:] != labels[:, :-1]).float()
     boundary[1:] = torch.maximum(boundary[1:], (labels[1:] != labels[:-1]).float())
-    return stride4(boundary)
+    return stride4(boundary, pool)
 
 
 def image_edges(image: np.ndarray) -> torch.Tensor:
@@ -87,8 +93,15 @@ def main() -> None:
         split = load_split_file(split_url)
         store = CamStore.open(store_url)
         names = split.class_names
-        methods = ["none", *(f"none@{t}" for t in DEFAULT_THRESHOLDS), "crf",
-                   *(f"irn/{e}/{'double' if d else 'single'}" for e in ("gt", "image") for d in (True, False))]
+        sweep = {t: ConfusionMatrix(len(names)) for t in DEFAULT_THRESHOLDS}
+        for image_id in split.ids:
+            keys, proto_cam, cam = store.load(image_id)
+            mask = read_mask(split.mask_url(image_id))
+            for t, matrix in sweep.items():
+                matrix.update(mask, cam_labels(keys, proto_cam, cam, bg_threshold=t))
+        best = max(DEFAULT_THRESHOLDS, key=lambda t: sweep[t].scores(names)["miou"])
+        methods = ["none", f"none@{best}", "crf", f"crf@{best}",
+                   *(f"irn/{e}/{v}" for e in EDGES for v in WALKS)]
         matrices = {m: ConfusionMatrix(len(names)) for m in methods}
         seconds = {m: 0.0 for m in ("none", "crf", "irn")}
         for image_id in split.ids:
@@ -97,30 +110,32 @@ def main() -> None:
             started = time.perf_counter()
             matrices["none"].update(mask, cam_labels(keys, proto_cam, cam))
             seconds["none"] += time.perf_counter() - started
-            for t in DEFAULT_THRESHOLDS:
-                matrices[f"none@{t}"].update(mask, cam_labels(keys, proto_cam, cam, bg_threshold=t))
+            matrices[f"none@{best}"].update(mask, cam_labels(keys, proto_cam, cam, bg_threshold=best))
             started = time.perf_counter()
             matrices["crf"].update(mask, crf_labels(image, keys, proto_cam, cam))
             seconds["crf"] += time.perf_counter() - started
-            for source, edge in (("gt", gt_edges(mask)), ("image", image_edges(image))):
+            matrices[f"crf@{best}"].update(mask, crf_labels(image, keys, proto_cam, cam, bg_threshold=best))
+            edges = {"gt-hard": gt_edges(mask, F.max_pool2d), "gt-soft": gt_edges(mask, F.avg_pool2d),
+                     "image": image_edges(image)}
+            for source, edge in edges.items():
                 assert tuple(edge.shape) == edge_size(*mask.shape)
-                for double in (True, False):
+                for variant, params in WALKS.items():
                     started = time.perf_counter()
                     labels = random_walk_labels(keys, torch.from_numpy(proto_cam), torch.from_numpy(cam), edge,
-                                                RandomWalkParams(double_power=double))
+                                                params)
                     seconds["irn"] += time.perf_counter() - started
-                    matrices[f"irn/{source}/{'double' if double else 'single'}"].update(mask, labels)
+                    matrices[f"irn/{source}/{variant}"].update(mask, labels)
     miou = {m: matrix.scores(names)["miou"] for m, matrix in matrices.items()}
-    best_threshold = max(DEFAULT_THRESHOLDS, key=lambda t: miou[f"none@{t}"])
-    summary = {"none (stored background)": miou["none"], f"none (threshold {best_threshold})":
-               miou[f"none@{best_threshold}"], "crf": miou["crf"],
+    summary = {"none (stored background)": miou["none"], f"none (threshold {best})": miou[f"none@{best}"],
+               "crf (stored background)": miou["crf"], f"crf (threshold {best})": miou[f"crf@{best}"],
                **{m: v for m, v in miou.items() if m.startswith("irn")}}
     name = args.name or ("fake-synthetic" if not args.store else Path(args.store).parent.name)
     results = {"store": args.store or f"fake CAMs from GT masks, {args.images} synthetic images (train_aug part)",
                "split": split.name, "images": len(split.ids), "miou": summary,
-               "seconds_per_image": {m: s / len(split.ids) / (4 if m == "irn" else 1) for m, s in seconds.items()},
+               "seconds_per_image": {m: s / len(split.ids) / (len(EDGES) * len(WALKS) if m == "irn" else 1)
+                                     for m, s in seconds.items()},
                "per_class_iou": {m: {c: s["iou"] for c, s in matrices[m].scores(names)["per_class"].items()}
-                                 for m in ("none", "crf", "irn/gt/double", "irn/image/double")}}
+                                 for m in ("none", "crf", "irn/gt-hard/double", "irn/image/double")}}
     out = ROOT / "bench" / "results" / f"refine_quality-{name}.json"
     out.write_text(json.dumps(results, indent=2))
     print(json.dumps({k: v for k, v in results.items() if k != "per_class_iou"}, indent=2))

@@ -5,7 +5,12 @@ The reference builds the dense (HW, HW) affinity, raises it to ``beta``, column-
 T ``exp_times`` times (T^(2^exp_times)) before one product ``x @ T``. Here T stays a sparse CSR matrix with one
 row per pixel and at most ``2 * len(search_offsets(radius)) + 1`` entries per row, and it is applied
 ``2 ** exp_times`` times. Squaring a sparse T does not pay: the support of T^2 has about four times the entries
-(twice the radius), so the total work per propagated step grows instead of shrinking.
+(twice the radius), so the total work per propagated step grows instead of shrinking (bench/random_walk.py).
+
+Precision: float32 in, float32 out; 256 sequential sparse products put the result within ~1e-4 of a float64
+run (the reference's float32 squaring is within ~4e-5); pass float64 maps for more. On CPU these small sparse
+products run fastest on one thread per process (on a busy 2-core machine, 2 threads were 10-20x slower): the
+pseudo-label stage runs one single-threaded worker process per core.
 """
 from __future__ import annotations
 
