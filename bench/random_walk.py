@@ -20,9 +20,9 @@ earlier peaks cannot leak between measurements. Inside it, after the inputs are 
 the peak-RSS counter is reset (``/proc/self/clear_refs``); the reported memory is peak RSS (VmHWM) minus the RSS
 before the call (CPU), or ``torch.cuda.max_memory_allocated`` minus the allocation before the call (CUDA). The
 time is the wall time of the call. Runs are interleaved (sparse, dense, sparse, ...). Outputs are saved and
-compared with the float32 sparse one and with the float64 one (max abs differences). A dense run whose matrices cannot fit in the available
-memory (MemAvailable / free CUDA memory; 3 (HW)^2 float32 for dense-apply, 4 for dense-square) is reported as not
-fitting instead of being attempted.
+compared with the float32 sparse one and with the float64 one (max abs differences). A dense run whose matrices
+cannot fit in the available memory (MemAvailable / free CUDA memory; 3 (HW)^2 float32 for dense-apply, 4 for
+dense-square) is reported as not fitting instead of being attempted.
 
 Run from the repository root (needs only torch and numpy)::
 

@@ -27,7 +27,8 @@ def search_offsets(radius: int) -> tuple[tuple[int, int], ...]:
     if radius < 2:
         raise ValueError(f"random-walk radius must be >= 2, got {radius}")
     offsets = [(0, dx) for dx in range(1, radius)]
-    offsets += [(dy, dx) for dy in range(1, radius) for dx in range(-radius + 1, radius) if dy * dy + dx * dx < radius ** 2]
+    offsets += [(dy, dx) for dy in range(1, radius) for dx in range(-radius + 1, radius)
+                if dy * dy + dx * dx < radius ** 2]
     return tuple(offsets)
 
 

@@ -42,8 +42,8 @@ class PseudoLabelConfig(BaseModel):
                                       "(tasks.eval_cam's best threshold); null: the stored background channel")
     gt_prob: float = Field(0.7, gt=0, lt=1, description="crf: confidence of the label unary")
     crf: CrfConfig = CrfConfig()
-    workers: int | None = Field(None, ge=1, description="worker processes on CPU (default one per core); a CUDA "
-                                                        "device uses one process")
+    workers: int | None = Field(None, ge=1, description="worker processes (default one per core); method irn on "
+                                                        "a CUDA device runs in one process")
 
     def random_walk_params(self) -> RandomWalkParams:
         return RandomWalkParams(self.proto_weight, self.power, self.bg, self.double_power, self.radius, self.beta,
@@ -60,7 +60,8 @@ def make_pseudo_labels(cfg: PseudoLabelConfig, store_url: str, split_url: str, o
                          "use method 'crf' or 'none' without IRN")
     _, split = open_inputs(store_url, split_url)
     torch_device = resolve_device(device)
-    workers = 1 if torch_device.type != "cpu" else cfg.workers or default_workers()
+    on_accelerator = cfg.method == "irn" and torch_device.type != "cpu"
+    workers = 1 if on_accelerator else cfg.workers or default_workers()
     job = PseudoLabelJob(store_url, out_dir, cfg.method, cfg.proto_weight, cfg.bg_threshold, cfg.gt_prob,
                          cfg.crf.params(), cfg.random_walk_params(), str(torch_device), irn_checkpoint,
                          max(1, default_workers() // workers))
