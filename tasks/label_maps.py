@@ -2,6 +2,8 @@
 input checks, resume, per-image loading in worker processes, atomic PNG writing, label statistics."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +21,11 @@ from tasks.parallel import parallel_map
 log = logging.getLogger(__name__)
 
 TMP_MARK = ".png.tmp-"  # fs.atomic_open's temporary siblings of <id>.png
+SETTINGS = "_settings.json"
+
+
+class LabelDirError(ValueError):
+    """A label directory that already holds labels made with other settings."""
 
 
 def open_inputs(store_url: str, split_url: str) -> tuple[CamStore, Split]:
@@ -36,6 +43,28 @@ def open_inputs(store_url: str, split_url: str) -> tuple[CamStore, Split]:
                             f"{split.name!r}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
                             "(run CAM inference on this split first)")
     return store, split
+
+
+def file_digest(url: str) -> str:
+    """A short SHA-256 of a file's bytes, naming it when missing."""
+    if not fs.exists(url):
+        raise FileNotFoundError(f"{url} not found")
+    return hashlib.sha256(fs.read_bytes(url)).hexdigest()[:16]
+
+
+def claim_out_dir(out_dir: str, settings: dict) -> None:
+    """Record in ``<out_dir>/_settings.json`` what the labels are made from (stage config, CAM store hashes, ...),
+    or check that a resumed run uses the same; labels of different settings never mix in one directory."""
+    url = fs.join(out_dir, SETTINGS)
+    wanted = json.loads(json.dumps(settings))
+    if fs.exists(url):
+        found = json.loads(fs.read_text(url))
+        if found != wanted:
+            changed = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+            raise LabelDirError(f"{out_dir} holds labels made with other settings (see {url}; differing: "
+                                f"{', '.join(changed)}); write to another directory or delete this one")
+    else:
+        fs.write_text(url, json.dumps(wanted, indent=2, sort_keys=True))
 
 
 def label_url(out_dir: str, image_id: str) -> str:

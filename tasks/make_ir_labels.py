@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.crf import CrfParams
 from storage.tracking import Tracker
 from tasks.ir_label_worker import IrLabelJob
-from tasks.label_maps import open_inputs, write_all
+from tasks.label_maps import claim_out_dir, open_inputs, write_all
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,12 @@ class IrLabelConfig(BaseModel):
 def make_ir_labels(cfg: IrLabelConfig, store_url: str, split_url: str, out_dir: str,
                    tracker: Tracker | None = None) -> dict:
     """Write ``<out_dir>/<id>.png`` for every image of the split from its CAMs in the store; images already written
-    are skipped (resume). Returns the manifest (counts, timing, background / foreground / ignore fractions)."""
+    are skipped (resume); a directory holding labels of other settings (config, CAM store) is refused. Returns
+    the manifest (counts, timing, background / foreground / ignore fractions)."""
     tracker = tracker or Tracker.null()
-    _, split = open_inputs(store_url, split_url)
+    store, split = open_inputs(store_url, split_url)
+    claim_out_dir(out_dir, {"stage": "ir_labels", "config": cfg.model_dump(mode="json", exclude={"workers"}),
+                            "cam_store": [store.config_hash, store.checkpoint_hash]})
     job = IrLabelJob(store_url, out_dir, cfg.proto_weight, cfg.bg_scale, cfg.gt_prob, cfg.crf.params())
     manifest = write_all(job, split, out_dir, cfg.workers, "ir_labels")
     log.info("IR labels: %d written, %d skipped, fractions %s", manifest["written"], manifest["skipped"],

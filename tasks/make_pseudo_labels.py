@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.pseudo_labels import RandomWalkParams
 from storage.tracking import Tracker
-from tasks.label_maps import open_inputs, write_all
+from tasks.label_maps import claim_out_dir, file_digest, open_inputs, write_all
 from tasks.make_ir_labels import CrfConfig
 from tasks.parallel import default_workers
 from tasks.pseudo_label_worker import PseudoLabelJob
@@ -53,12 +53,16 @@ class PseudoLabelConfig(BaseModel):
 def make_pseudo_labels(cfg: PseudoLabelConfig, store_url: str, split_url: str, out_dir: str, device: str = "auto",
                        tracker: Tracker | None = None, irn_checkpoint: str | None = None) -> dict:
     """Write ``<out_dir>/<id>.png`` for every image of the split with the configured method; images already
-    written are skipped (resume). ``irn_checkpoint`` (the trained IRN) is required by method ``irn``."""
+    written are skipped (resume); a directory holding labels of other settings (config, CAM store, IRN weights) is
+    refused. ``irn_checkpoint`` (the trained IRN) is required by method ``irn``."""
     tracker = tracker or Tracker.null()
     if cfg.method == "irn" and not irn_checkpoint:
         raise ValueError("pseudo-label method 'irn' needs the IRN checkpoint (irn_checkpoint); "
                          "use method 'crf' or 'none' without IRN")
-    _, split = open_inputs(store_url, split_url)
+    store, split = open_inputs(store_url, split_url)
+    claim_out_dir(out_dir, {"stage": "pseudo_labels", "config": cfg.model_dump(mode="json", exclude={"workers"}),
+                            "cam_store": [store.config_hash, store.checkpoint_hash],
+                            "irn": file_digest(irn_checkpoint) if cfg.method == "irn" else None})
     torch_device = resolve_device(device)
     on_accelerator = cfg.method == "irn" and torch_device.type != "cpu"
     workers = 1 if on_accelerator else cfg.workers or default_workers()

@@ -27,10 +27,11 @@ def fake_cams(mask: np.ndarray, classes: np.ndarray, rng: np.random.Generator) -
     return maps[0], maps[1]
 
 
-def fake_cam_store(url: str, split: Split, seed: int = 0, ids: list[str] | None = None) -> CamStore:
+def fake_cam_store(url: str, split: Split, seed: int = 0, ids: list[str] | None = None,
+                   checkpoint_hash: str = "fake") -> CamStore:
     """A CAM store at ``url`` holding fake CAMs (see :func:`fake_cams`) of ``ids`` (default: all) of ``split``."""
     rng = np.random.default_rng(seed)
-    store = CamStore.create(url, "fake", "fake", split.class_names)
+    store = CamStore.create(url, "fake", checkpoint_hash, split.class_names)
     rows = {image_id: row for row, image_id in enumerate(split.ids)}
     for image_id in ids if ids is not None else split.ids:
         classes = np.flatnonzero(split.labels[rows[image_id]]) + 1

@@ -16,6 +16,7 @@ from storage.datasets.split_files import load_split_file, save_split
 from storage.datasets.voc_layout import DataError
 from storage.images import read_mask, read_rgb
 from tasks.eval_pseudo_labels import evaluate_pseudo_labels
+from tasks.label_maps import LabelDirError
 from tasks.make_ir_labels import IrLabelConfig, make_ir_labels
 from tasks.make_pseudo_labels import PseudoLabelConfig, make_pseudo_labels
 from tests.fake_cams import fake_cam_store
@@ -47,7 +48,7 @@ def test_ir_labels_resume_after_a_kill_to_identical_pngs(setup, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         make_ir_labels(SERIAL, store_url, split_url, str(tmp_path / "resumed"))
     monkeypatch.undo()
-    written = sorted((tmp_path / "resumed").iterdir())
+    written = sorted((tmp_path / "resumed").glob("*.png"))
     assert len(written) == 3
     for path in written:  # every PNG present is complete
         assert read_mask(str(path)).shape == read_rgb(split.image_url(path.stem)).shape[:2]
@@ -59,10 +60,22 @@ def test_ir_labels_resume_after_a_kill_to_identical_pngs(setup, tmp_path, monkey
 
 def test_kill_between_write_and_rename_leaves_no_png(setup, tmp_path, monkeypatch):
     root, split_url, store_url, split = setup
-    kill_on_call(monkeypatch, LocalFileSystem, "mv", 2)
+    kill_on_call(monkeypatch, LocalFileSystem, "mv", 3)  # 1: _settings.json, 2: first PNG, 3: second PNG
     with pytest.raises(KeyboardInterrupt):
         make_ir_labels(SERIAL, store_url, split_url, str(tmp_path / "labels"))
-    assert [p.name for p in (tmp_path / "labels").iterdir()] == [f"{split.ids[0]}.png"]
+    assert sorted(p.name for p in (tmp_path / "labels").iterdir()) == sorted([f"{split.ids[0]}.png", "_settings.json"])
+
+
+def test_labels_of_other_settings_never_mix(setup, tmp_path):
+    root, split_url, store_url, split = setup
+    make_ir_labels(SERIAL, store_url, split_url, str(tmp_path))
+    assert make_ir_labels(IrLabelConfig(workers=2), store_url, split_url, str(tmp_path))["written"] == 0
+    with pytest.raises(LabelDirError, match="differing: config"):
+        make_ir_labels(IrLabelConfig(bg_scale=0.3, workers=1), store_url, split_url, str(tmp_path))
+    retrained = str(tmp_path / "retrained.zarr")
+    fake_cam_store(retrained, split, checkpoint_hash="retrained")
+    with pytest.raises(LabelDirError, match="differing: cam_store"):
+        make_ir_labels(SERIAL, retrained, split_url, str(tmp_path))
 
 
 def test_two_workers_write_the_same_labels(setup, tmp_path):
