@@ -5,9 +5,8 @@ PNG writes, and the worker pool's start-up) on a seeded synthetic dataset of ``-
 per side, with CAM-like maps made from the ground-truth masks (tests/fake_cams.py). Runs are interleaved
 (1, 2, 1, 2 workers, ...), each into a fresh output folder; the outputs of every run must be byte-identical.
 Other processes on the machine slow the runs down: the load average before and after is recorded, and so is the
-CPU time (user + sys) of every run: this process, the fork server (which imports the job's module once, in the
-first 2-worker run) and the pool's workers (children of the fork server, counted through its cumulative child
-times in /proc); ``cpu_projected_speedup_per_repeat`` = 2 x CPU(1 worker) /
+CPU time (user + sys) of every run: this process, the fork server and the pool's workers (children of the fork
+server, counted through its cumulative child times in /proc); ``cpu_projected_speedup_per_repeat`` = 2 x CPU(1 worker) /
 CPU(2 workers) is the speedup the 2 workers would reach on two otherwise idle cores (perfect balance assumed).
 
     python bench/crf.py [--images 40 --repeats 2]      # results in bench/results/crf.json

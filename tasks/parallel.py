@@ -34,20 +34,13 @@ def _main_hidden() -> Iterator[None]:
         sys.modules["__main__"] = main
 
 
-def _module_of(fn: Callable) -> str | None:
-    module = getattr(getattr(fn, "func", fn), "__module__", None)  # a partial's function, a function, an instance
-    return module if module and module != "__main__" else None
-
-
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int | None = None, desc: str = "",
                  chunksize: int = 4) -> Iterator[R]:
     """Yield ``fn(item)`` for every item, in order, computed by ``workers`` processes (in-process when <= 1).
 
     ``fn`` must be picklable from a module other than ``__main__`` (a module-level function, a ``functools.partial``
     of one, or an instance of a module-level class), since workers do not run the main script. Workers start with
-    ``forkserver`` so a parent that already ran torch threads cannot deadlock them; the first call of a process
-    starts the fork server with ``fn``'s module imported, so its workers (and those of later calls using the same
-    modules) fork ready instead of importing it each. An exception in ``fn`` is
+    ``forkserver`` so a parent that already ran torch threads cannot deadlock them. An exception in ``fn`` is
     re-raised here, after which the pool is shut down.
     """
     workers = default_workers() if workers is None else workers
@@ -59,8 +52,6 @@ def parallel_map(fn: Callable[[T], R], items: Sequence[T], workers: int | None =
                 progress.update()
             return
         context = multiprocessing.get_context("forkserver")
-        module = _module_of(fn)
-        context.set_forkserver_preload([module] if module else [])  # used when the fork server (re)starts
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             with _main_hidden():  # workers are started by the submissions inside map()
                 results = pool.map(fn, items, chunksize=max(1, chunksize))
