@@ -52,9 +52,10 @@ def file_digest(url: str) -> str:
     return hashlib.sha256(fs.read_bytes(url)).hexdigest()[:16]
 
 
-def claim_out_dir(out_dir: str, settings: dict) -> None:
+def claim_out_dir(out_dir: str, settings: dict) -> str:
     """Record in ``<out_dir>/_settings.json`` what the labels are made from (stage config, CAM store hashes, ...),
-    or check that a resumed run uses the same; labels of different settings never mix in one directory."""
+    or check that a resumed run uses the same; labels of different settings never mix in one directory. Returns a
+    short digest of the settings (for manifests)."""
     url = fs.join(out_dir, SETTINGS)
     wanted = json.loads(json.dumps(settings))
     if fs.exists(url):
@@ -65,6 +66,7 @@ def claim_out_dir(out_dir: str, settings: dict) -> None:
                                 f"{', '.join(changed)}); write to another directory or delete this one")
     else:
         fs.write_text(url, json.dumps(wanted, indent=2, sort_keys=True))
+    return hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def label_url(out_dir: str, image_id: str) -> str:

@@ -49,10 +49,11 @@ def make_ir_labels(cfg: IrLabelConfig, store_url: str, split_url: str, out_dir: 
     the manifest (counts, timing, background / foreground / ignore fractions)."""
     tracker = tracker or Tracker.null()
     store, split = open_inputs(store_url, split_url)
-    claim_out_dir(out_dir, {"stage": "ir_labels", "config": cfg.model_dump(mode="json", exclude={"workers"}),
+    digest = claim_out_dir(out_dir, {"stage": "ir_labels", "config": cfg.model_dump(mode="json", exclude={"workers"}),
                             "cam_store": [store.config_hash, store.checkpoint_hash]})
     job = IrLabelJob(store_url, out_dir, cfg.proto_weight, cfg.bg_scale, cfg.gt_prob, cfg.crf.params())
     manifest = write_all(job, split, out_dir, cfg.workers, "ir_labels")
+    manifest["settings_digest"] = digest
     log.info("IR labels: %d written, %d skipped, fractions %s", manifest["written"], manifest["skipped"],
              manifest["label_fractions"])
     tracker.log_params({"ir_labels": cfg.model_dump(mode="json")})

@@ -60,7 +60,7 @@ def make_pseudo_labels(cfg: PseudoLabelConfig, store_url: str, split_url: str, o
         raise ValueError("pseudo-label method 'irn' needs the IRN checkpoint (irn_checkpoint); "
                          "use method 'crf' or 'none' without IRN")
     store, split = open_inputs(store_url, split_url)
-    claim_out_dir(out_dir, {"stage": "pseudo_labels", "config": cfg.model_dump(mode="json", exclude={"workers"}),
+    digest = claim_out_dir(out_dir, {"stage": "pseudo_labels", "config": cfg.model_dump(mode="json", exclude={"workers"}),
                             "cam_store": [store.config_hash, store.checkpoint_hash],
                             "irn": file_digest(irn_checkpoint) if cfg.method == "irn" else None})
     torch_device = resolve_device(device)
@@ -70,7 +70,8 @@ def make_pseudo_labels(cfg: PseudoLabelConfig, store_url: str, split_url: str, o
                          cfg.crf.params(), cfg.random_walk_params(), str(torch_device), irn_checkpoint,
                          max(1, default_workers() // workers))
     manifest = write_all(job, split, out_dir, workers, f"pseudo_labels[{cfg.method}]")
-    manifest.update({"method": cfg.method, "device": str(torch_device), "irn_checkpoint": irn_checkpoint})
+    manifest.update({"method": cfg.method, "device": str(torch_device), "irn_checkpoint": irn_checkpoint,
+                     "settings_digest": digest})
     log.info("pseudo labels (%s): %d written, %d skipped in %.1f s", cfg.method, manifest["written"],
              manifest["skipped"], manifest["seconds"])
     tracker.log_params({"pseudo_labels": cfg.model_dump(mode="json"), "irn_checkpoint": irn_checkpoint})

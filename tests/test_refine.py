@@ -138,6 +138,7 @@ def test_every_method_writes_valid_label_pngs(setup, irn_checkpoint, one_torch_t
     cfg = PseudoLabelConfig(method=method, workers=workers)
     manifest = make_pseudo_labels(cfg, store_url, split_url, str(tmp_path), "cpu", irn_checkpoint=irn_checkpoint)
     assert (manifest["written"], manifest["method"]) == (len(split.ids), method)
+    assert len(manifest["settings_digest"]) == 16
     assert manifest["label_fractions"]["ignore"] == 0
     for row, image_id in enumerate(split.ids):
         path = tmp_path / f"{image_id}.png"
