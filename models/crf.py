@@ -46,7 +46,7 @@ def _check_image(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         raise ValueError(f"CRF image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
     if image.shape[:2] != shape:
         raise ValueError(f"CRF image is {image.shape[:2]} but the label/probability map is {shape}")
-    return np.ascontiguousarray(image)
+    return np.require(image, requirements=("C_CONTIGUOUS", "WRITEABLE"))  # pydensecrf rejects read-only buffers
 
 
 def _infer(image: np.ndarray, unary: np.ndarray, n_labels: int, params: CrfParams) -> np.ndarray:

@@ -1,0 +1,84 @@
+"""Stage 3d: scoring label PNGs (pseudo labels, or IR labels) against the split's ground-truth masks.
+
+As the reference's ``eval_sem_seg.py`` does, a predicted 255 (ignore) counts as background: the main score is
+the mIoU over all classes, background included, from :class:`models.metrics.ConfusionMatrix` (which maps
+predictions outside the classes to 0). When the labels hold ignore pixels (IR labels), the score on the
+confident pixels only (predicted 255 left out) is reported as well.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from models.metrics import IGNORE_INDEX, ConfusionMatrix
+from storage import fs
+from storage.datasets.split_files import load_split_file
+from storage.datasets.voc_layout import DataError
+from storage.images import read_mask, read_rgb
+from storage.plots import bar_chart_png, overlay_png
+from storage.reports import class_metrics, format_table
+from storage.tracking import Tracker
+from tasks.label_maps import label_url
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_pseudo_labels(split_url: str, label_dir: str, out_dir: str, tracker: Tracker | None = None,
+                           name: str = "pseudo_label_eval", overlays: int = 4) -> dict:
+    """Score ``<label_dir>/<id>.png`` for every image of the split (which must have masks). Writes
+    ``<out_dir>/<name>.json`` (mIoU, per-class IoU / precision / recall), ``<name>_iou.png`` (per-class bars) and
+    ``<name>_overlays/<id>.png`` for the first ``overlays`` images; logs them to the tracker. Returns the manifest."""
+    tracker = tracker or Tracker.null()
+    split = load_split_file(split_url)
+    if not split.has_masks:
+        raise DataError(f"label evaluation needs masks; split {split.name!r} ({split_url}) has images without")
+    names = split.class_names
+    scores_all, scores_confident = ConfusionMatrix(len(names)), ConfusionMatrix(len(names))
+    ignored = total = 0
+    pictures = {}
+    for image_id in split.ids:
+        url = label_url(label_dir, image_id)
+        if not fs.exists(url):
+            raise DataError(f"no label for image {image_id!r} at {url} (run the labelling stage on split "
+                            f"{split.name!r} first)")
+        labels, mask = read_mask(url), read_mask(split.mask_url(image_id))
+        if labels.shape != mask.shape:
+            raise DataError(f"{url}: label size {labels.shape} differs from the mask size {mask.shape} of image "
+                            f"{image_id!r}")
+        unsure = labels == IGNORE_INDEX
+        scores_all.update(mask, labels)
+        scores_confident.update(np.where(unsure, IGNORE_INDEX, mask), labels)
+        ignored += int(unsure.sum())
+        total += labels.size
+        if len(pictures) < overlays:
+            image = read_rgb(split.image_url(image_id))
+            pictures[f"{name}_overlays/{image_id}.png"] = overlay_png(image, mask, [("labels", labels)])
+    scores = scores_all.scores(names)
+    confident = scores_confident.scores(names) if ignored else None
+    results = {"split": split.name, "label_dir": label_dir, "images": len(split.ids),
+               "rule": "predicted 255 (ignore) counts as background", "ignored_fraction": ignored / max(1, total),
+               "scores": scores, "confident_pixels": confident}
+    result_url = fs.join(out_dir, f"{name}.json")
+    fs.write_text(result_url, json.dumps(results, indent=2))
+    bars = {"all pixels": {c: s["iou"] for c, s in scores["per_class"].items()}}
+    if confident:
+        bars["confident pixels"] = {c: s["iou"] for c, s in confident["per_class"].items()}
+    pictures[f"{name}_iou.png"] = bar_chart_png(bars, f"per-class IoU of {label_dir} on {split.name}")
+    for picture, png in pictures.items():
+        fs.write_bytes(fs.join(out_dir, picture), png)
+        tracker.log_bytes(png, f"{name}/{picture}")
+    table = format_table(scores, f"{name}: {label_dir} on {split.name}")
+    log.info("\n%s", table)
+    tracker.log_text(table, f"{name}/{name}.txt")
+    tracker.log_metrics({**class_metrics(scores, name), f"{name}/ignored_fraction": results["ignored_fraction"]})
+    if confident:
+        tracker.log_metrics(class_metrics(confident, f"{name}/confident"))
+    return {"results": result_url, "split": split.name, "miou": scores["miou"],
+            "confident_miou": confident["miou"] if confident else None}
+
+
+evaluate_pseudo_labels_task = task(evaluate_pseudo_labels, name="evaluate_pseudo_labels", cache_policy=NO_CACHE)

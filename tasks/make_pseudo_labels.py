@@ -1,0 +1,83 @@
+"""Stage 3c: pseudo labels for the segmenter from the stored CAMs, one VOC-palette PNG per image.
+
+Methods (``method``): ``irn`` random walk on the boundary map of the trained IRN (the reference's VOC path, method
+doc section 7.3), ``crf`` dense CRF on the fused CAM's label map (the reference's COCO path replaces IRN by a
+dense CRF), ``none`` the fused CAM's argmax. The IRN network comes from ``tasks.train_irn`` / ``models.irn``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field
+
+from models.pseudo_labels import RandomWalkParams
+from storage.tracking import Tracker
+from tasks.label_maps import claim_out_dir, file_digest, open_inputs, write_all
+from tasks.make_ir_labels import CrfConfig
+from tasks.parallel import default_workers
+from tasks.pseudo_label_worker import PseudoLabelJob
+from tasks.train_cam import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+class PseudoLabelConfig(BaseModel):
+    """Pseudo labels (method doc section 7.3); random-walk defaults are the reference's ``make_seg_labels``."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["irn", "crf", "none"] = "irn"
+    proto_weight: float = Field(0.3, ge=0, description="scores are K + proto_weight * P")
+    beta: float = Field(10, gt=0, description="random walk: affinity exponent")
+    exp_times: int = Field(8, ge=0, le=12, description="random walk: 2**exp_times steps")
+    radius: int = Field(5, ge=2, description="random walk: neighbourhood radius on the stride-4 grid")
+    power: float = Field(1.3, gt=0, description="random walk: scores ** power before walking")
+    bg: float = Field(0.25, ge=0, description="random walk: constant background of the foreground-only branch")
+    double_power: bool = Field(True, description="random walk: raise the all-channel branch to power twice, as "
+                                                 "the reference does (total 1.69); false: once")
+    bg_threshold: float | None = Field(
+        None, ge=0, le=1, description="crf / none: background score against the foreground scores in [0, 1] "
+                                      "(tasks.eval_cam's best threshold); null: the stored background channel")
+    gt_prob: float = Field(0.7, gt=0, lt=1, description="crf: confidence of the label unary")
+    crf: CrfConfig = CrfConfig()
+    workers: int | None = Field(None, ge=1, description="worker processes (default one per core); method irn on "
+                                                        "a CUDA device runs in one process")
+
+    def random_walk_params(self) -> RandomWalkParams:
+        return RandomWalkParams(self.proto_weight, self.power, self.bg, self.double_power, self.radius, self.beta,
+                                self.exp_times)
+
+
+def make_pseudo_labels(cfg: PseudoLabelConfig, store_url: str, split_url: str, out_dir: str, device: str = "auto",
+                       tracker: Tracker | None = None, irn_checkpoint: str | None = None) -> dict:
+    """Write ``<out_dir>/<id>.png`` for every image of the split with the configured method; images already
+    written are skipped (resume); a directory holding labels of other settings (config, CAM store, IRN weights) is
+    refused. ``irn_checkpoint`` (the trained IRN) is required by method ``irn``."""
+    tracker = tracker or Tracker.null()
+    if cfg.method == "irn" and not irn_checkpoint:
+        raise ValueError("pseudo-label method 'irn' needs the IRN checkpoint (irn_checkpoint); "
+                         "use method 'crf' or 'none' without IRN")
+    store, split = open_inputs(store_url, split_url)
+    digest = claim_out_dir(out_dir, {"stage": "pseudo_labels", "config": cfg.model_dump(mode="json", exclude={"workers"}),
+                            "cam_store": [store.config_hash, store.checkpoint_hash],
+                            "irn": file_digest(irn_checkpoint) if cfg.method == "irn" else None})
+    torch_device = resolve_device(device)
+    on_accelerator = cfg.method == "irn" and torch_device.type != "cpu"
+    workers = 1 if on_accelerator else cfg.workers or default_workers()
+    job = PseudoLabelJob(store_url, out_dir, cfg.method, cfg.proto_weight, cfg.bg_threshold, cfg.gt_prob,
+                         cfg.crf.params(), cfg.random_walk_params(), str(torch_device), irn_checkpoint,
+                         max(1, default_workers() // workers))
+    manifest = write_all(job, split, out_dir, workers, f"pseudo_labels[{cfg.method}]")
+    manifest.update({"method": cfg.method, "device": str(torch_device), "irn_checkpoint": irn_checkpoint,
+                     "settings_digest": digest})
+    log.info("pseudo labels (%s): %d written, %d skipped in %.1f s", cfg.method, manifest["written"],
+             manifest["skipped"], manifest["seconds"])
+    tracker.log_params({"pseudo_labels": cfg.model_dump(mode="json"), "irn_checkpoint": irn_checkpoint})
+    tracker.log_metrics({"images": manifest["images"], "written": manifest["written"], "seconds": manifest["seconds"],
+                         **{f"fraction/{k}": v for k, v in manifest["label_fractions"].items()}})
+    return manifest
+
+
+make_pseudo_labels_task = task(make_pseudo_labels, name="make_pseudo_labels", cache_policy=NO_CACHE)
