@@ -118,7 +118,7 @@ def predict_probs(model: torch.nn.Module, split: Split, ids: Sequence[str], cfg:
 def read_target(split: Split, image_id: str, shape: tuple[int, ...]) -> np.ndarray:
     """The ground-truth mask of ``image_id``; a size other than the prediction's is an error naming the file."""
     url = split.mask_url(image_id)
-    mask = read_mask(url)
+    mask = read_mask(url).astype(np.int64)
     if mask.shape != tuple(shape):
         raise DataError(f"{url}: mask is {mask.shape[0]}x{mask.shape[1]} but image {split.image_url(image_id)} is "
                         f"{shape[0]}x{shape[1]}")

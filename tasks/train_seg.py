@@ -208,14 +208,14 @@ def train_seg(cfg: TrainSegConfig, train_split_url: str, pseudo_label_dir: str, 
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             tracker.log_metrics({"loss": loss_value, "lr_backbone": lrs[0], "lr_head": lrs[1]}, step=done)
+        if val_split is not None and ((cfg.val_every and done % cfg.val_every == 0) or done == cfg.max_steps):
+            validations.append(_validate(model, val_split, cfg, torch_device, tracker, done))
         if done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
             save_training_state(ckpt_dir, training_state(
                 done, cfg_hash, model, optimizer, scheduler, scaler,
                 sampler={"seed": seed, "batch_size": cfg.batch_size, "position": done * cfg.iter_size},
                 validations=validations),
                 cfg.keep_checkpoints)
-        if val_split is not None and ((cfg.val_every and done % cfg.val_every == 0) or done == cfg.max_steps):
-            validations.append(_validate(model, val_split, cfg, torch_device, tracker, done))
     progress.close()
     seconds = time.perf_counter() - started
 
