@@ -18,7 +18,8 @@ def finished_manifest(manifest_url: str, cfg_hash: str) -> dict | None:
     if not fs.exists(manifest_url):
         return None
     manifest = json.loads(fs.read_text(manifest_url))
-    if manifest.get("config_hash") == cfg_hash and fs.exists(manifest.get("checkpoint", "")):
+    checkpoint = manifest.get("checkpoint")
+    if manifest.get("config_hash") == cfg_hash and checkpoint and fs.exists(checkpoint):
         return manifest
     return None
 
