@@ -55,7 +55,8 @@ class EvalSegConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     scales: tuple[float, ...] = Field((0.5, 0.75, 1.0), description="input scales (deeplab MSC: 0.5, 0.75, 1.0)")
-    fusion: Literal[FUSIONS] = Field("max", description="how scales' logits are fused (deeplab MSC: max)")  # type: ignore[valid-type]
+    fusion: Literal[FUSIONS] = Field(  # type: ignore[valid-type]
+        "max", description="how the scales' logits are fused (deeplab MSC: max)")
     flip: bool = Field(True, description="also run each scale's horizontal flip and average the logits")
     test_size: int = Field(513, ge=16, description="side of the padded square input; larger images are shrunk")
     batch_size: int = Field(4, ge=1, description="images per forward (each scale's forward holds 2x with flip)")
@@ -103,7 +104,8 @@ def predict_probs(model: torch.nn.Module, split: Split, ids: Sequence[str], cfg:
     canvases through :func:`models.seg_inference.multiscale_logits`."""
     use_amp = cfg.amp and device.type == "cuda"
     loader = DataLoader(CanvasSet(split, ids, cfg.test_size), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                        collate_fn=collate_canvases, pin_memory=device.type == "cuda")
+                        collate_fn=collate_canvases, pin_memory=device.type == "cuda",
+                        generator=torch.Generator())  # leaves the global RNG of a calling training untouched
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
         if use_amp:
@@ -128,7 +130,8 @@ def read_target(split: Split, image_id: str, shape: tuple[int, ...]) -> np.ndarr
 def segment(model: torch.nn.Module, split: Split, cfg: EvalSegConfig,
             device: torch.device) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
     """(id, class map without CRF, class map with CRF or None) for every image of ``split``, in order. The CRF
-    (``models.crf.DEEPLAB_CRF``) runs in ``crf_workers`` processes over chunks of ``crf_chunk`` images (probabilities kept as float16 meanwhile)."""
+    (``models.crf.DEEPLAB_CRF``) runs in ``crf_workers`` processes over chunks of ``crf_chunk`` images, whose
+    probabilities are kept as float16 meanwhile."""
     pending: list[tuple[str, np.ndarray, np.ndarray]] = []
 
     def flush() -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:

@@ -148,7 +148,8 @@ def train_seg(cfg: TrainSegConfig, train_split_url: str, pseudo_label_dir: str, 
         raise DataError(f"validation needs masks; split {val_split.name!r} ({val_split_url}) has images without")
     if val_split is not None and val_split.class_names != split.class_names:
         raise DataError(f"{val_split_url}: classes differ from those of the training split {train_split_url}")
-    cfg_hash = config_hash(cfg, str(seed), ",".join(split.ids), labels_digest)
+    # worker count does not change the data order or the weights, so it may differ on resume
+    cfg_hash = config_hash(cfg.model_copy(update={"num_workers": 0}), str(seed), ",".join(split.ids), labels_digest)
     manifest_url = fs.join(out_dir, MANIFEST)
     if (finished := finished_manifest(manifest_url, cfg_hash)) is not None:
         log.info("segmentation training already finished: %s", finished["checkpoint"])
@@ -178,14 +179,15 @@ def train_seg(cfg: TrainSegConfig, train_split_url: str, pseudo_label_dir: str, 
     sampler = EpochBatchSampler(len(split.ids), cfg.batch_size, seed, cfg.max_steps * cfg.iter_size,
                                 start_step * cfg.iter_size)
     loader = DataLoader(SegTrainingSet(split, label_urls, cfg.crop, cfg.scale_range), batch_sampler=sampler,
-                        num_workers=cfg.num_workers, pin_memory=torch_device.type == "cuda")
+                        num_workers=cfg.num_workers, pin_memory=torch_device.type == "cuda",
+                        generator=torch.Generator())  # own generator: the global RNG (dropout) stays resumable
     batches = iter(loader)
     losses: list[float] = []
     started, images_seen = time.perf_counter(), 0
     progress = tqdm(total=cfg.max_steps, initial=start_step, desc="train_seg", unit="step", dynamic_ncols=True)
     for step in range(start_step, cfg.max_steps):
         optimizer.zero_grad(set_to_none=True)
-        loss_value = 0.0
+        step_loss = torch.zeros((), device=torch_device)
         for _ in range(cfg.iter_size):
             batch = next(batches)
             images = batch["image"].to(torch_device, non_blocking=True)
@@ -196,12 +198,13 @@ def train_seg(cfg: TrainSegConfig, train_split_url: str, pseudo_label_dir: str, 
                 outputs = msc_outputs(model, images, cfg.msc_scales)
             loss = msc_cross_entropy(outputs, labels) / cfg.iter_size
             scaler.scale(loss).backward()
-            loss_value += float(loss.detach())
+            step_loss += loss.detach()
             images_seen += images.shape[0]
         lrs = [group["lr"] for group in optimizer.param_groups]
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        loss_value = float(step_loss)
         losses.append(loss_value)
         progress.update(1)
         progress.set_postfix(loss=f"{loss_value:.4f}")

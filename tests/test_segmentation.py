@@ -115,25 +115,26 @@ def test_loss_decreases_on_clean_labels(data, tmp_path):
 
 
 def test_killed_training_resumes_to_identical_weights(data, tmp_path, monkeypatch):
-    reference = _train(data, tmp_path / "full")
+    """DeepLab-v3 (dropout: the RNG state matters) with MSC; the resumed run uses a loader worker."""
+    reference = _train(data, tmp_path / "full", arch="deeplabv3")
 
     kill_on_call(monkeypatch, train_module, "msc_cross_entropy", 7)  # step 4 of 4, 2 calls per step
     with pytest.raises(KeyboardInterrupt):
-        _train(data, tmp_path / "killed")
+        _train(data, tmp_path / "killed", arch="deeplabv3")
     monkeypatch.undo()
     assert [s for s, _ in checkpoints.step_checkpoints(str(tmp_path / "killed" / "checkpoints"))] == [2]
     assert not fs.exists(str(tmp_path / "killed" / "final.pt"))
     with pytest.raises(ValueError, match="another config"):
-        _train(data, tmp_path / "killed", lr=2e-3)
+        _train(data, tmp_path / "killed", arch="deeplabv3", lr=2e-3)
 
-    resumed = _train(data, tmp_path / "killed")
+    resumed = _train(data, tmp_path / "killed", arch="deeplabv3", num_workers=1)
     expected, actual = (checkpoints.load(m["checkpoint"])["model"] for m in (reference, resumed))
     for key, value in expected.items():
         assert torch.equal(value, actual[key]), key
     assert resumed["validation"] == reference["validation"] and [v["step"] for v in resumed["validation"]] == [2, 4]
 
     monkeypatch.setattr(train_module, "msc_cross_entropy", lambda *a, **k: pytest.fail("retrained a finished stage"))
-    assert _train(data, tmp_path / "killed")["checkpoint"] == resumed["checkpoint"]
+    assert _train(data, tmp_path / "killed", arch="deeplabv3")["checkpoint"] == resumed["checkpoint"]
 
 
 def test_backbone_weights_come_from_a_torchvision_state_dict(tmp_path):
