@@ -17,6 +17,7 @@ from storage.images import read_mask, write_mask
 from tasks.eval_seg import VOC_RESULTS_DIR, EvalSegConfig, eval_seg
 from tasks.train_seg import TrainSegConfig, train_seg
 from tests.synthetic_splits import synthetic_split_files
+from tests.single_thread import one_torch_thread  # noqa: F401  (autouse fixture)
 
 FAST = dict(scales=(0.5, 1.0), test_size=80, batch_size=3, num_workers=0, crf_workers=1, overlays=2)
 

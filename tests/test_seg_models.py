@@ -7,6 +7,7 @@ from torch import nn
 
 from models.deeplab import ASPPv2, DeepLab, msc_cross_entropy, msc_outputs
 from models.seg_inference import canvas_probabilities, multiscale_logits
+from tests.single_thread import one_torch_thread  # noqa: F401  (autouse fixture)
 
 
 def _stride_out(n: int, halvings: int) -> int:

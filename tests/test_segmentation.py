@@ -16,6 +16,7 @@ from storage.transforms import augment_for_segmentation
 from tasks.train_seg import TrainSegConfig, build_segmenter, train_seg
 from tests.interrupt import kill_on_call
 from tests.synthetic_splits import synthetic_split_files
+from tests.single_thread import one_torch_thread  # noqa: F401  (autouse fixture)
 
 TINY = dict(backbone="resnet18", norm="batch", crop=48, batch_size=2, iter_size=2, max_steps=4, lr=1e-3,
             num_workers=0, checkpoint_every=2, keep_checkpoints=5, val_every=2, val_size=80, log_every=1)
