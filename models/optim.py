@@ -1,4 +1,4 @@
-"""The reference's PolyOptimizerSGD: two learning-rate groups, poly decay, and its momentum quirk."""
+"""Poly learning-rate decay, and the reference's PolyOptimizerSGD: two learning-rate groups and its momentum quirk."""
 from __future__ import annotations
 
 import torch
@@ -24,6 +24,11 @@ def poly_sgd(
         [{"params": backbone, "lr": lr}, {"params": new, "lr": lr * new_layer_lr_mult}],
         lr=lr, momentum=momentum, weight_decay=weight_decay,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
+    return optimizer, poly_schedule(optimizer, max_steps, power)
+
+
+def poly_schedule(optimizer: torch.optim.Optimizer, max_steps: int,
+                  power: float = 0.9) -> torch.optim.lr_scheduler.LambdaLR:
+    """Every group's initial lr x (1 - step/max_steps)^power, stepped once per optimiser step."""
+    return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: (1 - min(step, max_steps) / max_steps) ** power)
-    return optimizer, scheduler

@@ -72,6 +72,11 @@ def image_size(url: str) -> tuple[int, int]:
     return height, width
 
 
+def values_outside(mask: np.ndarray, num_labels: int) -> list[int]:
+    """The values of a label map that are neither a class index (0..num_labels-1) nor IGNORE_INDEX."""
+    return np.setdiff1d(np.unique(mask), [*range(num_labels), IGNORE_INDEX]).tolist()
+
+
 def encode_mask_png(mask: np.ndarray) -> bytes:
     image = Image.fromarray(np.asarray(mask, dtype=np.uint8), mode="P")
     image.putpalette(voc_palette())

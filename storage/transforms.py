@@ -1,5 +1,6 @@
-"""Training-time augmentation of the CAM stage (method doc section 4): random long-side resize (bicubic),
-ImageNet normalisation, horizontal flip, random crop into a zero canvas with a valid-pixel mask."""
+"""Image transforms. CAM training (method doc section 4): random long-side resize (bicubic), ImageNet normalisation,
+horizontal flip, random crop into a zero canvas with a valid-pixel mask. Segmentation training (section 9,
+deeplab-pytorch): random scale of image and label, normalisation, padded random crop, horizontal flip."""
 from __future__ import annotations
 
 import numpy as np
@@ -66,3 +67,36 @@ def augment_for_cam_training(
         array = array[:, ::-1]
     array, valid = random_crop(array, crop, rng)
     return np.ascontiguousarray(array.transpose(2, 0, 1)), valid[None]
+
+
+def augment_for_segmentation(
+    image: Image.Image, label: np.ndarray, crop: int, scale_range: tuple[float, float], rng: np.random.Generator,
+    ignore_index: int = 255,
+) -> tuple[np.ndarray, np.ndarray]:
+    """deeplab-pytorch's training augmentation of an (image, label map) pair.
+
+    Scale both by one factor uniform in ``scale_range`` (image bilinear, label nearest), normalise, crop a random
+    ``crop`` x ``crop`` window (a smaller side is placed at a random offset; padding is 0 in the normalised image,
+    i.e. the mean colour, and ``ignore_index`` in the label), flip horizontally with p = 0.5.
+    Returns the image (3, crop, crop) float32 and the label (crop, crop) int64.
+    """
+    factor = rng.uniform(*scale_range)
+    width, height = image.size
+    size = (max(1, int(width * factor)), max(1, int(height * factor)))
+    image = image.resize(size, Image.BILINEAR)
+    label_image = Image.fromarray(label).resize(size, Image.NEAREST)
+    stacked = np.concatenate([normalize(np.asarray(image)), np.asarray(label_image, dtype=np.float32)[..., None]], 2)
+    stacked, valid = random_crop(stacked, crop, rng)
+    if rng.random() < 0.5:
+        stacked, valid = stacked[:, ::-1], valid[:, ::-1]
+    labels = np.where(valid > 0, stacked[..., 3], ignore_index).astype(np.int64)
+    return np.ascontiguousarray(stacked[..., :3].transpose(2, 0, 1)), labels
+
+
+def fit_long_side(image: Image.Image, limit: int) -> Image.Image:
+    """Shrink (bilinear) so that the long side is at most ``limit``; smaller images are returned unchanged."""
+    width, height = image.size
+    if max(width, height) <= limit:
+        return image
+    scale = limit / max(width, height)
+    return image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR)

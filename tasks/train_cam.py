@@ -29,6 +29,8 @@ from storage.datasets.split_files import load_split_file
 from storage.datasets.voc_layout import Split
 from storage.reports import class_metrics, format_table
 from storage.tracking import Tracker
+from tasks.resume import (finished_manifest, latest_training_state, restore_training_state, save_training_state,
+                          training_state)
 
 log = logging.getLogger(__name__)
 
@@ -155,27 +157,6 @@ def validate_cams(model: SFCNet, split: Split, device: torch.device, max_images:
     return results
 
 
-def _resume_state(model, optimizer, scheduler, scaler, bank, step: int, cfg_hash: str) -> dict:
-    """Everything a killed run needs to continue as if uninterrupted."""
-    return {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(), "step": step, "image_bank": bank.state_dict() if bank is not None else None,
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}, "config_hash": cfg_hash,
-    }
-
-
-def _apply_resume_state(state: dict, model, optimizer, scheduler, scaler, bank) -> int:
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    if bank is not None:
-        bank.load_state_dict(state["image_bank"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    return int(state["step"])
-
-
 def train_cam(
     cfg: TrainCamConfig,
     train_split_url: str,
@@ -195,11 +176,9 @@ def train_cam(
     split = load_split_file(train_split_url)
     cfg_hash = config_hash(cfg, str(seed), ",".join(split.ids))
     manifest_url = fs.join(out_dir, MANIFEST)
-    if fs.exists(manifest_url):
-        manifest = json.loads(fs.read_text(manifest_url))
-        if manifest.get("config_hash") == cfg_hash and fs.exists(manifest["checkpoint"]):
-            log.info("CAM training already finished: %s", manifest["checkpoint"])
-            return manifest
+    if (finished := finished_manifest(manifest_url, cfg_hash)) is not None:
+        log.info("CAM training already finished: %s", finished["checkpoint"])
+        return finished
 
     torch_device = resolve_device(device)
     use_amp = cfg.amp and torch_device.type == "cuda"
@@ -228,14 +207,10 @@ def train_cam(
 
     ckpt_dir = fs.join(out_dir, "checkpoints")
     start_step = 0
-    existing = checkpoints.step_checkpoints(ckpt_dir)
-    if existing:
-        state = checkpoints.load(existing[-1][1], weights_only=False)
-        if state.get("config_hash") != cfg_hash:
-            raise ValueError(f"{existing[-1][1]} was written with another config; remove {ckpt_dir} or use a new "
-                             "run name")
-        start_step = _apply_resume_state(state, model, optimizer, scheduler, scaler, bank)
-        log.info("resuming CAM training from step %d (%s)", start_step, existing[-1][1])
+    if (state := latest_training_state(ckpt_dir, cfg_hash)) is not None:
+        start_step = restore_training_state(state, model, optimizer, scheduler, scaler)
+        if bank is not None:
+            bank.load_state_dict(state["image_bank"])
 
     tracker.log_params({"train_cam": cfg.model_dump(), "seed": seed, "total_steps": total_steps,
                         "train_images": len(split.ids)})
@@ -279,9 +254,9 @@ def train_cam(
         if done % cfg.log_every == 0 or done == total_steps:
             tracker.log_metrics({**values, "lr_backbone": lrs[0], "lr_new_layers": lrs[1]}, step=done)
         if done % cfg.checkpoint_every == 0 and done < total_steps:
-            state = _resume_state(model, optimizer, scheduler, scaler, bank, done, cfg_hash)
-            checkpoints.save(checkpoints.step_url(ckpt_dir, done), state)
-            checkpoints.prune(ckpt_dir, cfg.keep_checkpoints)
+            save_training_state(ckpt_dir, training_state(
+                done, cfg_hash, model, optimizer, scheduler, scaler,
+                image_bank=bank.state_dict() if bank is not None else None), cfg.keep_checkpoints)
         if val_split is not None and cfg.validate_every and done % cfg.validate_every == 0 and done < total_steps:
             best_score = _validate(model, val_split, torch_device, cfg, tracker, done, best_score, best_url, meta)
     progress.close()

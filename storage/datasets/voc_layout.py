@@ -20,7 +20,7 @@ import numpy as np
 
 from storage import fs
 from storage.datasets.catalog import CLASS_NAMES_FILE, DEFAULT_CLASSES
-from storage.images import IGNORE_INDEX, BadImageError, image_size, read_mask
+from storage.images import IGNORE_INDEX, BadImageError, image_size, read_mask, values_outside
 
 log = logging.getLogger(__name__)
 
@@ -218,9 +218,9 @@ class VOCLayoutDataset:
                 image_size(split.image_url(image_id))
                 if image_id in split.mask_urls:
                     mask = read_mask(split.mask_urls[image_id])
-                    bad = np.setdiff1d(np.unique(mask), [*range(len(self.class_names)), IGNORE_INDEX])
-                    if bad.size:
-                        return (f"{split.mask_urls[image_id]}: mask values {bad.tolist()} outside the "
+                    bad = values_outside(mask, len(self.class_names))
+                    if bad:
+                        return (f"{split.mask_urls[image_id]}: mask values {bad} outside the "
                                 f"{len(self.class_names)} classes and {IGNORE_INDEX}")
             except BadImageError as err:
                 return str(err)

@@ -1,0 +1,271 @@
+"""Stage 4b: segmentation inference (multi-scale + flip, optional dense CRF) and evaluation against ground truth;
+test-split predictions exported for the PASCAL VOC evaluation server (method doc sections 8 and 9).
+
+What "deeplab-style test at 513" means here: Caffe DeepLab pads every test image bottom/right with the mean colour
+to a fixed 513 x 513 input (every VOC image fits, long side <= 500); deeplab-pytorch's MSC then resizes that input
+to each scale. We do the same: each image sits at the top-left of a ``test_size`` x ``test_size`` canvas padded with
+the mean (0 after normalisation); an image with a longer side is first shrunk to fit (VOC never is), smaller images
+are never enlarged. Canvases of equal size let one forward per scale cover a whole batch of images and their flips.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import tarfile
+import time
+from collections.abc import Iterator, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from models.backbone import fold_batchnorm
+from models.deeplab import DeepLab
+from models.metrics import ConfusionMatrix
+from models.seg_inference import FUSIONS, canvas_probabilities, multiscale_logits
+from storage import checkpoints, fs
+from storage.datasets.segmentation import CanvasSet, collate_canvases
+from storage.datasets.split_files import load_split_file
+from storage.datasets.voc_layout import DataError, Split
+from storage.images import encode_mask_png, read_mask, read_rgb
+from storage.plots import bar_chart_png, overlay_png
+from storage.reports import class_metrics, format_table
+from storage.tracking import Tracker
+from tasks.parallel import parallel_map
+from tasks.seg_crf import crf_labels
+from tasks.train_cam import resolve_device
+
+log = logging.getLogger(__name__)
+
+RESULTS = "seg_eval.json"
+ARCHIVE = "seg_test_results.tar.gz"
+VOC_RESULTS_DIR = "results/VOC2012/Segmentation/comp6_test_cls"
+"""Where the VOC evaluation server expects segmentation results (comp6: trained with data beyond VOC)."""
+
+
+class EvalSegConfig(BaseModel):
+    """Segmentation inference and evaluation; defaults are deeplab-pytorch's test settings plus flip."""
+
+    model_config = ConfigDict(extra="forbid")
+    scales: tuple[float, ...] = Field((0.5, 0.75, 1.0), description="input scales (deeplab MSC: 0.5, 0.75, 1.0)")
+    fusion: Literal[FUSIONS] = Field(  # type: ignore[valid-type]
+        "max", description="how the scales' logits are fused (deeplab MSC: max)")
+    flip: bool = Field(True, description="also run each scale's horizontal flip and average the logits")
+    test_size: int = Field(513, ge=16, description="side of the padded square input; larger images are shrunk")
+    batch_size: int = Field(4, ge=1, description="images per forward (each scale's forward holds 2x with flip)")
+    crf: bool = Field(True, description="also score after dense-CRF post-processing (deeplab-pytorch's values)")
+    crf_workers: int | None = Field(None, ge=1, description="CRF processes; null: one per core")
+    crf_chunk: int = Field(64, ge=1, description="images whose probabilities are held for one parallel CRF pass")
+    num_workers: int = Field(2, ge=0, description="DataLoader processes decoding images")
+    amp: bool = Field(False, description="fp16 autocast + channels_last (CUDA only)")
+    overlays: int = Field(6, ge=0, description="validation images drawn as image | GT | no CRF | CRF")
+
+    @field_validator("scales")
+    @classmethod
+    def _positive_scales(cls, scales: tuple[float, ...]) -> tuple[float, ...]:
+        if not scales or any(s <= 0 for s in scales):
+            raise ValueError(f"scales must be a non-empty list of positive numbers, got {list(scales)}")
+        return scales
+
+
+def load_segmenter(url: str, class_names: Sequence[str]) -> tuple[DeepLab, str]:
+    """The segmenter of a ``train_seg`` checkpoint (eval mode) and the hash of the checkpoint's bytes. A checkpoint
+    that is not a segmenter, or was trained for other classes, is an error naming the file."""
+    state, digest = checkpoints.load_with_digest(url)
+    meta = state.get("meta")
+    if not isinstance(meta, dict) or meta.get("kind") != "segmenter" or "model" not in state:
+        raise ValueError(f"{url}: not a segmentation checkpoint (no 'model' and segmenter 'meta')")
+    if tuple(meta["class_names"]) != tuple(class_names):
+        raise ValueError(f"{url} was trained for {len(meta['class_names'])} classes ({_names(meta['class_names'])}); "
+                         f"the split has {len(class_names)} ({_names(class_names)})")
+    model = DeepLab(len(class_names), meta["arch"], meta["backbone"], meta["norm"], meta["output_stride"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise ValueError(f"{url} does not match a {meta['arch']} {meta['backbone']} segmenter: {err}") from None
+    return model.eval(), digest
+
+
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+
+
+@torch.no_grad()
+def predict_probs(model: torch.nn.Module, split: Split, ids: Sequence[str], cfg: EvalSegConfig,
+                  device: torch.device) -> Iterator[tuple[str, np.ndarray]]:
+    """(id, class probabilities (C, H, W) float32 at the image's size) for each id, in order: batches of padded
+    canvases through :func:`models.seg_inference.multiscale_logits`."""
+    use_amp = cfg.amp and device.type == "cuda"
+    loader = DataLoader(CanvasSet(split, ids, cfg.test_size), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                        collate_fn=collate_canvases, pin_memory=device.type == "cuda",
+                        generator=torch.Generator())  # leaves the global RNG of a calling training untouched
+    for batch in loader:
+        images = batch["image"].to(device, non_blocking=True)
+        if use_amp:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, enabled=use_amp):
+            logits = multiscale_logits(model, images, cfg.scales, cfg.flip, cfg.fusion)
+        probs = canvas_probabilities(logits, cfg.test_size, batch["content"], batch["size"])
+        for image_id, p in zip(batch["id"], probs):
+            yield image_id, p.cpu().numpy()
+
+
+def read_target(split: Split, image_id: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The ground-truth mask of ``image_id``; a size other than the prediction's is an error naming the file."""
+    url = split.mask_url(image_id)
+    mask = read_mask(url).astype(np.int64)
+    if mask.shape != tuple(shape):
+        raise DataError(f"{url}: mask is {mask.shape[0]}x{mask.shape[1]} but image {split.image_url(image_id)} is "
+                        f"{shape[0]}x{shape[1]}")
+    return mask
+
+
+def segment(model: torch.nn.Module, split: Split, cfg: EvalSegConfig,
+            device: torch.device) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
+    """(id, class map without CRF, class map with CRF or None) for every image of ``split``, in order. The CRF
+    (``models.crf.DEEPLAB_CRF``) runs in ``crf_workers`` processes over chunks of ``crf_chunk`` images, whose
+    probabilities are kept as float16 meanwhile."""
+    pending: list[tuple[str, np.ndarray, np.ndarray]] = []
+
+    def flush() -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
+        items = [(split.image_url(image_id), probs) for image_id, _, probs in pending]
+        refined = parallel_map(crf_labels, items, cfg.crf_workers, chunksize=1)
+        yield from ((image_id, plain, labels) for (image_id, plain, _), labels in zip(pending, refined))
+        pending.clear()
+
+    progress = tqdm(predict_probs(model, split, split.ids, cfg, device), total=len(split.ids),
+                    desc=f"eval_seg {split.name}", unit="img", dynamic_ncols=True)
+    for image_id, probs in progress:
+        plain = probs.argmax(axis=0).astype(np.uint8)
+        if not cfg.crf:
+            yield image_id, plain, None
+            continue
+        pending.append((image_id, plain, probs.astype(np.float16)))
+        if len(pending) >= cfg.crf_chunk:
+            yield from flush()
+    if pending:
+        yield from flush()
+
+
+def _evaluate_split(model: torch.nn.Module, split: Split, cfg: EvalSegConfig, device: torch.device,
+                    archive: tarfile.TarFile | None = None) -> tuple[dict, list[tuple[str, bytes]]]:
+    """Score ``split`` (when it has masks) without and with CRF, draw overlays, and add each prediction (CRF if on)
+    to ``archive`` in the VOC server layout. Returns ({"no_crf": scores, "crf": scores, ...}, overlays)."""
+    names = split.class_names
+    scored = split.has_masks
+    matrices = {"no_crf": ConfusionMatrix(len(names)), "crf": ConfusionMatrix(len(names))}
+    overlays: list[tuple[str, bytes]] = []
+    started = time.perf_counter()
+    for image_id, plain, refined in segment(model, split, cfg, device):
+        if archive is not None:
+            _add_png(archive, f"{VOC_RESULTS_DIR}/{image_id}.png", refined if refined is not None else plain)
+        if not scored:
+            continue
+        target = read_target(split, image_id, plain.shape)
+        matrices["no_crf"].update(target, plain)
+        if refined is not None:
+            matrices["crf"].update(target, refined)
+        if len(overlays) < cfg.overlays:
+            drawn = [("no CRF", plain)] + ([("CRF", refined)] if refined is not None else [])
+            overlays.append((image_id, overlay_png(read_rgb(split.image_url(image_id)), target, drawn)))
+    seconds = time.perf_counter() - started
+    result: dict = {"split": split.name, "images": len(split.ids), "seconds": seconds,
+                    "images_per_second": len(split.ids) / seconds if seconds > 0 else None}
+    if scored:
+        result["no_crf"] = matrices["no_crf"].scores(names)
+        if cfg.crf:
+            result["crf"] = matrices["crf"].scores(names)
+    return result, overlays
+
+
+def _add_png(archive: tarfile.TarFile, name: str, labels: np.ndarray) -> None:
+    data = encode_mask_png(labels)
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(data), 0o644
+    archive.addfile(info, io.BytesIO(data))
+
+
+def eval_seg(cfg: EvalSegConfig, checkpoint: str, val_split_url: str, out_dir: str, device: str = "auto",
+             tracker: Tracker | None = None, test_split_url: str | None = None) -> dict:
+    """Evaluate a ``train_seg`` checkpoint on the validation split without and with CRF: ``<out_dir>/seg_eval.json``
+    (mIoU, pixel accuracy and per-class IoU/precision/recall by class name), MLflow metrics, a per-class IoU bar
+    chart and overlays. With ``test_split_url``, its predictions are written as VOC-palette PNGs under
+    ``results/VOC2012/Segmentation/comp6_test_cls/`` in ``<out_dir>/seg_test_results.tar.gz`` (logged to MLflow);
+    a test split with masks is scored too. Returns the manifest."""
+    tracker = tracker or Tracker.null()
+    val = load_split_file(val_split_url)
+    if not val.has_masks:
+        raise DataError(f"segmentation evaluation needs masks; split {val.name!r} ({val_split_url}) has images "
+                        "without")
+    test = load_split_file(test_split_url) if test_split_url else None
+    if test is not None and test.class_names != val.class_names:
+        raise DataError(f"{test_split_url}: classes differ from those of the validation split {val_split_url}")
+    model, digest = load_segmenter(checkpoint, val.class_names)
+    torch_device = resolve_device(device)
+    fold_batchnorm(model.backbone)  # eval mode: same outputs, faster
+    model.to(torch_device)
+    if cfg.amp and torch_device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+
+    results = {"checkpoint": checkpoint, "checkpoint_hash": digest, "config": cfg.model_dump(mode="json")}
+    results["val"], overlays = _evaluate_split(model, val, cfg, torch_device)
+    archive_url = None
+    if test is not None:
+        buffer = io.BytesIO()
+        with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as archive:
+            results["test"], _ = _evaluate_split(model, test, cfg.model_copy(update={"overlays": 0}), torch_device,
+                                                 archive)
+        archive_url = fs.join(out_dir, ARCHIVE)
+        fs.write_bytes(archive_url, buffer.getvalue())
+        results["test"]["archive"] = archive_url
+        tracker.log_bytes(buffer.getvalue(), f"eval_seg/{ARCHIVE}")
+    summary = _summary(results)
+    results["summary"] = summary
+    fs.write_text(fs.join(out_dir, RESULTS), json.dumps(results, indent=2))
+    _log_results(results, summary, out_dir, overlays, tracker)
+    return {"results": fs.join(out_dir, RESULTS), "summary": summary, "archive": archive_url}
+
+
+def _summary(results: dict) -> dict:
+    summary = {}
+    for split in ("val", "test"):
+        for variant, suffix in (("no_crf", ""), ("crf", "_crf")):
+            if variant in results.get(split, {}):
+                summary[f"{split}_miou{suffix}"] = results[split][variant]["miou"]
+    summary["val_images_per_second"] = results["val"]["images_per_second"]
+    return summary
+
+
+def _log_results(results: dict, summary: dict, out_dir: str, overlays: list[tuple[str, bytes]],
+                 tracker: Tracker) -> None:
+    tracker.log_params({"eval_seg": results["config"], "checkpoint": results["checkpoint"]})
+    tracker.log_metrics({k: v for k, v in summary.items() if v is not None})
+    bars = {}
+    for split in ("val", "test"):
+        for variant in ("no_crf", "crf"):
+            scores = results.get(split, {}).get(variant)
+            if scores is None:
+                continue
+            name = f"{split}_{variant}"
+            tracker.log_metrics(class_metrics(scores, f"eval_seg/{name}"))
+            tracker.log_text(format_table(scores), f"eval_seg/{name}.txt")
+            log.info("\n%s", format_table(scores, f"segmentation, {results[split]['split']}, {variant}"))
+            if split == "val":
+                bars["no CRF" if variant == "no_crf" else "CRF"] = {c: s["iou"] for c, s in
+                                                                   scores["per_class"].items()}
+    pictures = {"seg_per_class_iou.png": bar_chart_png(bars, f"per-class IoU ({results['val']['split']})")}
+    pictures.update({f"seg_overlays/{image_id}.png": png for image_id, png in overlays})
+    for name, png in pictures.items():
+        fs.write_bytes(fs.join(out_dir, name), png)
+        tracker.log_bytes(png, f"eval_seg/{name}")
+    tracker.log_dict(summary, "eval_seg/summary.json")
+
+
+eval_seg_task = task(eval_seg, name="eval_seg", cache_policy=NO_CACHE)

@@ -1,0 +1,254 @@
+"""Stage 4a: train a DeepLab segmenter on the pseudo labels (deeplab-pytorch's VOC recipe, method doc section 9),
+validating against ground truth, resumable from checkpoints."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Literal
+
+import numpy as np
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from models.backbone import BACKBONES, NORMS
+from models.deeplab import ARCHS, MSC_SCALES, DeepLab, msc_cross_entropy, msc_outputs
+from models.metrics import ConfusionMatrix
+from models.optim import poly_schedule
+from storage import checkpoints, fs
+from storage.datasets.cam_training import EpochBatchSampler
+from storage.datasets.segmentation import SegTrainingSet, check_label_maps, pseudo_label_urls
+from storage.datasets.split_files import load_split_file
+from storage.datasets.voc_layout import DataError, Split
+from storage.reports import class_metrics, format_table
+from storage.tracking import Tracker
+from tasks.eval_seg import EvalSegConfig, predict_probs, read_target
+from tasks.resume import (finished_manifest, latest_training_state, restore_training_state, save_training_state,
+                          training_state)
+from tasks.train_cam import config_hash, resolve_device
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "train_seg.json"
+FINAL = "final.pt"
+LOSS_WINDOW = 20  # steps averaged for the first/last loss of the manifest
+
+
+class TrainSegConfig(BaseModel):
+    """Segmentation training; defaults are deeplab-pytorch's DeepLabV2-ResNet-101-MSC on VOC."""
+
+    model_config = ConfigDict(extra="forbid")
+    arch: Literal[ARCHS] = "deeplabv2"  # type: ignore[valid-type]
+    backbone: Literal[BACKBONES] = "resnet101"  # type: ignore[valid-type]
+    weights: str | None = Field(None, description="torchvision-format ResNet state dict (path or fsspec URL)")
+    norm: Literal[NORMS] = Field(  # type: ignore[valid-type]
+        "frozen", description="frozen: backbone BN with running statistics, not trained (deeplab); batch: trained")
+    output_stride: Literal[8, 16] = Field(8, description="8: layer3/layer4 dilated 2/4 (DeepLab); 16: layer4 only")
+    msc_scales: tuple[float, ...] = Field(
+        MSC_SCALES, description="MSC training: extra input scales whose logits (and their max) are also supervised")
+    crop: int = Field(321, ge=16)
+    scale_range: tuple[float, float] = (0.5, 1.5)
+    batch_size: int = Field(5, ge=1, description="images per forward")
+    iter_size: int = Field(2, ge=1, description="forwards accumulated per optimiser step")
+    max_steps: int = Field(20000, ge=1, description="optimiser steps")
+    lr: float = Field(2.5e-4, gt=0)
+    head_lr_mult: float = Field(10.0, gt=0, description="head weights' lr multiplier")
+    head_bias_lr_mult: float = Field(20.0, gt=0, description="head biases' lr multiplier (no weight decay)")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    poly_power: float = Field(0.9, ge=0)
+    num_workers: int = Field(2, ge=0)
+    checkpoint_every: int = Field(1000, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    val_every: int = Field(0, ge=0, description="single-scale val mIoU every N steps; 0: at the end only")
+    val_size: int = Field(513, ge=16, description="padded input side of the validation (as eval_seg.test_size)")
+    val_max_images: int | None = Field(None, ge=1)
+    amp: bool = Field(False, description="mixed precision (CUDA only)")
+    channels_last: bool = False
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, url: str | None) -> str | None:
+        if url is not None and not fs.exists(url):
+            raise ValueError(f"weights file {url} does not exist")
+        return url
+
+    @field_validator("msc_scales")
+    @classmethod
+    def _msc_scales(cls, scales: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 < s < 1 for s in scales):
+            raise ValueError(f"msc_scales must lie in (0, 1), got {list(scales)}")
+        return scales
+
+    @model_validator(mode="after")
+    def _scale_range(self) -> TrainSegConfig:
+        low, high = self.scale_range
+        if not 0 < low <= high:
+            raise ValueError(f"scale_range must satisfy 0 < low <= high, got {list(self.scale_range)}")
+        return self
+
+
+def build_segmenter(cfg: TrainSegConfig, num_labels: int) -> DeepLab:
+    """A randomly initialised segmenter for ``num_labels`` classes (background included), with the configured
+    backbone weights loaded."""
+    model = DeepLab(num_labels, cfg.arch, cfg.backbone, cfg.norm, cfg.output_stride)
+    if cfg.weights:
+        model.backbone.load_torchvision_state_dict(checkpoints.load_pretrained(cfg.weights))
+    return model
+
+
+def segmentation_sgd(model: DeepLab, cfg: TrainSegConfig) -> torch.optim.SGD:
+    """SGD over deeplab-pytorch's groups: backbone at lr, head weights at ``head_lr_mult`` x lr, head biases at
+    ``head_bias_lr_mult`` x lr without weight decay."""
+    backbone, head_weights, head_biases = model.parameter_groups()
+    return torch.optim.SGD([
+        {"params": backbone, "lr": cfg.lr},
+        {"params": head_weights, "lr": cfg.lr * cfg.head_lr_mult},
+        {"params": head_biases, "lr": cfg.lr * cfg.head_bias_lr_mult, "weight_decay": 0.0},
+    ], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+@torch.no_grad()
+def validate_segmenter(model: torch.nn.Module, split: Split, cfg: TrainSegConfig, device: torch.device) -> dict:
+    """Single-scale, no-flip, no-CRF scores of the model on the split's ground truth."""
+    settings = EvalSegConfig(scales=(1.0,), flip=False, crf=False, test_size=cfg.val_size,
+                             batch_size=cfg.batch_size, num_workers=cfg.num_workers, amp=cfg.amp)
+    ids = split.ids[:cfg.val_max_images]
+    matrix = ConfusionMatrix(len(split.class_names))
+    model.eval()
+    for image_id, probs in predict_probs(model, split, ids, settings, device):
+        prediction = probs.argmax(axis=0)
+        matrix.update(read_target(split, image_id, prediction.shape), prediction)
+    model.train()
+    return matrix.scores(split.class_names)
+
+
+def train_seg(cfg: TrainSegConfig, train_split_url: str, pseudo_label_dir: str, val_split_url: str | None,
+              out_dir: str, seed: int, device: str = "auto", tracker: Tracker | None = None) -> dict:
+    """Train a segmenter on ``<pseudo_label_dir>/<id>.png`` for the images of the training split; validate on the
+    validation split's ground truth every ``val_every`` steps and at the end. Returns the stage manifest (also
+    written to ``out_dir``).
+
+    Step checkpoints hold model, optimiser, scheduler, grad scaler, step, sampler position and RNG states, so a
+    killed run resumes from the last one to the same weights. A finished stage (manifest with the same config hash,
+    which covers the seed, the image list and the decoded pseudo labels) is returned without training.
+    """
+    tracker = tracker or Tracker.null()
+    split = load_split_file(train_split_url)
+    num_labels = len(split.class_names)
+    label_urls = pseudo_label_urls(split, pseudo_label_dir)
+    labels_digest = check_label_maps(list(label_urls.values()), num_labels)
+    val_split = load_split_file(val_split_url) if val_split_url else None
+    if val_split is not None and not val_split.has_masks:
+        raise DataError(f"validation needs masks; split {val_split.name!r} ({val_split_url}) has images without")
+    if val_split is not None and val_split.class_names != split.class_names:
+        raise DataError(f"{val_split_url}: classes differ from those of the training split {train_split_url}")
+    # worker count does not change the data order or the weights, so it may differ on resume
+    cfg_hash = config_hash(cfg.model_copy(update={"num_workers": 0}), str(seed), ",".join(split.ids), labels_digest)
+    manifest_url = fs.join(out_dir, MANIFEST)
+    if (finished := finished_manifest(manifest_url, cfg_hash)) is not None:
+        log.info("segmentation training already finished: %s", finished["checkpoint"])
+        return finished
+
+    torch_device = resolve_device(device)
+    use_amp = cfg.amp and torch_device.type == "cuda"
+    if cfg.amp and not use_amp:
+        log.warning("amp requested but the device is %s; training in fp32", torch_device)
+    torch.manual_seed(seed)
+    model = build_segmenter(cfg, num_labels).to(torch_device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    optimizer = segmentation_sgd(model, cfg)
+    scheduler = poly_schedule(optimizer, cfg.max_steps, cfg.poly_power)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    ckpt_dir = fs.join(out_dir, "checkpoints")
+    start_step, validations = 0, []
+    if (state := latest_training_state(ckpt_dir, cfg_hash)) is not None:
+        start_step = restore_training_state(state, model, optimizer, scheduler, scaler)
+        validations = state["validations"]
+    tracker.log_params({"train_seg": cfg.model_dump(mode="json"), "seed": seed, "train_images": len(split.ids),
+                        "pseudo_labels": pseudo_label_dir, "pseudo_label_digest": labels_digest})
+
+    sampler = EpochBatchSampler(len(split.ids), cfg.batch_size, seed, cfg.max_steps * cfg.iter_size,
+                                start_step * cfg.iter_size)
+    loader = DataLoader(SegTrainingSet(split, label_urls, cfg.crop, cfg.scale_range), batch_sampler=sampler,
+                        num_workers=cfg.num_workers, pin_memory=torch_device.type == "cuda",
+                        generator=torch.Generator())  # own generator: the global RNG (dropout) stays resumable
+    batches = iter(loader)
+    losses: list[float] = []
+    started, images_seen = time.perf_counter(), 0
+    progress = tqdm(total=cfg.max_steps, initial=start_step, desc="train_seg", unit="step", dynamic_ncols=True)
+    for step in range(start_step, cfg.max_steps):
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = torch.zeros((), device=torch_device)
+        for _ in range(cfg.iter_size):
+            batch = next(batches)
+            images = batch["image"].to(torch_device, non_blocking=True)
+            labels = batch["label"].to(torch_device, non_blocking=True)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(torch_device.type, enabled=use_amp):
+                outputs = msc_outputs(model, images, cfg.msc_scales)
+            loss = msc_cross_entropy(outputs, labels) / cfg.iter_size
+            scaler.scale(loss).backward()
+            step_loss += loss.detach()
+            images_seen += images.shape[0]
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss_value = float(step_loss)
+        losses.append(loss_value)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss_value:.4f}")
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            tracker.log_metrics({"loss": loss_value, "lr_backbone": lrs[0], "lr_head": lrs[1]}, step=done)
+        if val_split is not None and ((cfg.val_every and done % cfg.val_every == 0) or done == cfg.max_steps):
+            validations.append(_validate(model, val_split, cfg, torch_device, tracker, done))
+        if done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+            save_training_state(ckpt_dir, training_state(
+                done, cfg_hash, model, optimizer, scheduler, scaler,
+                sampler={"seed": seed, "batch_size": cfg.batch_size, "position": done * cfg.iter_size},
+                validations=validations),
+                cfg.keep_checkpoints)
+    progress.close()
+    seconds = time.perf_counter() - started
+
+    final_url = fs.join(out_dir, FINAL)
+    meta = {"kind": "segmenter", "arch": cfg.arch, "backbone": cfg.backbone, "norm": cfg.norm,
+            "output_stride": cfg.output_stride, "class_names": list(split.class_names), "config_hash": cfg_hash}
+    checkpoints.save(final_url, {"model": model.state_dict(), "meta": meta, "step": cfg.max_steps})
+    window = max(1, min(LOSS_WINDOW, len(losses) // 2))
+    manifest = {
+        "config_hash": cfg_hash, "steps": cfg.max_steps, "checkpoint": final_url,
+        "pseudo_labels": pseudo_label_dir, "pseudo_label_digest": labels_digest,
+        "train_seconds": seconds, "images_per_second": images_seen / seconds if seconds > 0 else None,
+        "first_loss": float(np.mean(losses[:window])) if losses else None,
+        "last_loss": float(np.mean(losses[-window:])) if losses else None,
+        "validation": validations,
+    }
+    tracker.log_metrics({"train_seconds": seconds, "images_per_second": manifest["images_per_second"] or 0.0})
+    tracker.set_tags({"seg_checkpoint": final_url})
+    fs.write_text(manifest_url, json.dumps(manifest, indent=2))
+    tracker.log_dict(manifest, "train_seg/manifest.json")
+    return manifest
+
+
+def _validate(model: torch.nn.Module, split: Split, cfg: TrainSegConfig, device: torch.device, tracker: Tracker,
+              step: int) -> dict:
+    scores = validate_segmenter(model, split, cfg, device)
+    tracker.log_metrics(class_metrics(scores, "val"), step=step)
+    tracker.log_text(format_table(scores), f"train_seg/val_step{step}.txt")
+    log.info("\n%s", format_table(scores, f"segmentation val at step {step} (single scale, no CRF)"))
+    return {"step": step, "miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"]}
+
+
+train_seg_task = task(train_seg, name="train_seg", cache_policy=NO_CACHE)
