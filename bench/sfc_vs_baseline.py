@@ -117,9 +117,8 @@ def load_val_cams(store_url: str, split, proto_weights) -> list[dict]:
 @torch.no_grad()
 def raw_cams(checkpoint_url: str, split, scales, device: str) -> dict[str, np.ndarray]:
     """Multi-scale + flip raw classifier CAMs (before PCM), fused exactly as the stored P and K are."""
-    model, _ = load_cam_network(checkpoint_url, split.class_names)
     torch_device = resolve_device(device)
-    model.to(torch_device)
+    model, _ = load_cam_network(checkpoint_url, split.class_names, torch_device)
     out = {}
     for item in MultiScaleSet(split, split.ids, scales):
         label = item["label"].to(torch_device)

@@ -13,8 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from models.backbone import fold_batchnorm
-from models.cam_inference import DEFAULT_SCALES, multiscale_cams
+from models.cam_inference import DEFAULT_SCALES, infer_to_writer, prepare_for_inference
 from models.sfc import SFCNet
 from storage import checkpoints
 from storage.cam_store import CamStore
@@ -36,6 +35,8 @@ class InferCamConfig(BaseModel):
     scales: tuple[float, ...] = DEFAULT_SCALES
     num_workers: int = Field(2, ge=0)
     amp: bool = Field(False, description="fp16 autocast on CUDA (parity tests and CPU runs use fp32)")
+    cpu_streams: int = Field(0, ge=0, description="CPU: images computed at once, each with threads/streams "
+                                                  "intra-op threads; 0 = one per intra-op thread")
     compressor: str = "blosc-lz4"
 
     @field_validator("scales")
@@ -73,8 +74,10 @@ def union_of_splits(splits: list[Split]) -> Split:
     return Split(first.root, "+".join(s.name for s in splits), first.class_names, ids, np.stack(rows), masks)
 
 
-def load_cam_network(checkpoint_url: str, class_names: tuple[str, ...]) -> tuple[SFCNet, str]:
-    """The trained network of a ``final.pt``/``best.pt`` checkpoint and the hash of the checkpoint's bytes.
+def load_cam_network(checkpoint_url: str, class_names: tuple[str, ...],
+                     device: torch.device = torch.device("cpu")) -> tuple[SFCNet, str]:
+    """The trained network of a ``final.pt``/``best.pt`` checkpoint, prepared for inference on ``device``
+    (``models.cam_inference.prepare_for_inference``), and the hash of the checkpoint's bytes.
 
     A checkpoint for other classes or another architecture is a clear error naming the file.
     """
@@ -91,9 +94,7 @@ def load_cam_network(checkpoint_url: str, class_names: tuple[str, ...]) -> tuple
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise ValueError(f"{checkpoint_url} does not match a {meta['backbone']} SFC network: {err}") from None
-    model.eval()
-    fold_batchnorm(model.backbone)
-    return model, digest
+    return prepare_for_inference(model, device), digest
 
 
 def infer_cams(
@@ -113,24 +114,20 @@ def infer_cams(
     tracker = tracker or Tracker.null()
     index, count = parse_shard(shard)
     split = union_of_splits([load_split_file(url) for url in split_urls])
-    model, checkpoint_hash = load_cam_network(checkpoint_url, split.class_names)
     torch_device = resolve_device(device)
-    model.to(torch_device)
-    cfg_hash = config_hash(cfg.model_copy(update={"num_workers": 0}))
+    model, checkpoint_hash = load_cam_network(checkpoint_url, split.class_names, torch_device)
+    cfg_hash = config_hash(cfg.model_copy(update={"num_workers": 0, "cpu_streams": 0}))
     store = CamStore.create(store_url, cfg_hash, checkpoint_hash, split.class_names, compressor=cfg.compressor)
     mine = split.ids[index::count]
     done = store.completed_ids()
     todo = [i for i in mine if i not in done]
     log.info("CAM inference: %d images in shard %d/%d, %d already in the store", len(mine), index, count,
              len(mine) - len(todo))
-    loader = DataLoader(MultiScaleSet(split, todo, cfg.scales), batch_size=None, num_workers=cfg.num_workers)
-    use_amp = cfg.amp and torch_device.type == "cuda"
+    loader = DataLoader(MultiScaleSet(split, todo, cfg.scales), batch_size=None, num_workers=cfg.num_workers,
+                        pin_memory=torch_device.type == "cuda")
     started = time.perf_counter()
-    for item in tqdm(loader, total=len(todo), desc="infer_cams", unit="img", dynamic_ncols=True):
-        pairs = [p.to(torch_device, non_blocking=True) for p in item["pairs"]]
-        with torch.autocast(torch_device.type, enabled=use_amp):
-            keys, proto, cam = multiscale_cams(model, pairs, item["label"].to(torch_device), tuple(item["size"]))
-        store.write(item["id"], keys.cpu().numpy(), proto.float().cpu().numpy(), cam.float().cpu().numpy())
+    infer_to_writer(model, tqdm(loader, total=len(todo), desc="infer_cams", unit="img", dynamic_ncols=True),
+                    store.write, torch_device, cfg.amp, cfg.cpu_streams or torch.get_num_threads())
     seconds = time.perf_counter() - started
     manifest = {
         "store": store_url, "images": len(mine), "written": len(todo), "shard": f"{index}/{count}",

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-import tasks.infer_cams as infer_module
+import models.cam_inference as cam_inference
 from models.sfc import SFCNet
 from storage import checkpoints
 from storage.cam_store import CamStore, CamStoreError
@@ -14,7 +14,7 @@ from tasks.infer_cams import InferCamConfig, infer_cams, parse_shard
 from tests.interrupt import kill_on_call
 from tests.synthetic_splits import synthetic_split_files
 
-CFG = InferCamConfig(scales=(1.0, 0.5), num_workers=0)
+CFG = InferCamConfig(scales=(1.0, 0.5), num_workers=0, cpu_streams=2)
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +31,9 @@ def setup(tmp_path_factory):
     return root, urls, checkpoint, meta, model
 
 
-def _infer(setup, store, **kwargs):
+def _infer(setup, store, cfg=CFG, **kwargs):
     root, urls, checkpoint, *_ = setup
-    return infer_cams(CFG, checkpoint, [urls["train"], urls["val"]], str(store), device="cpu", **kwargs)
+    return infer_cams(cfg, checkpoint, [urls["train"], urls["val"]], str(store), device="cpu", **kwargs)
 
 
 def _contents(url):
@@ -42,20 +42,32 @@ def _contents(url):
 
 
 def test_interrupted_inference_resumes_to_identical_store(setup, tmp_path, monkeypatch):
-    full = _infer(setup, tmp_path / "full.zarr")
+    one_stream = CFG.model_copy(update={"cpu_streams": 1})  # calls in image order: the 4th call is image 4
+    full = _infer(setup, tmp_path / "full.zarr", one_stream)
     assert full["written"] == full["images"] > 0
-    kill_on_call(monkeypatch, infer_module, "multiscale_cams", 4)
+    kill_on_call(monkeypatch, cam_inference, "multiscale_cams", 4)
     with pytest.raises(KeyboardInterrupt):
-        _infer(setup, tmp_path / "resumed.zarr")
+        _infer(setup, tmp_path / "resumed.zarr", one_stream)
     monkeypatch.undo()
     assert len(CamStore.open(str(tmp_path / "resumed.zarr"))) == 3
-    resumed = _infer(setup, tmp_path / "resumed.zarr")
+    resumed = _infer(setup, tmp_path / "resumed.zarr", one_stream)
     assert resumed["written"] == full["images"] - 3
     a, b = _contents(tmp_path / "full.zarr"), _contents(tmp_path / "resumed.zarr")
     assert a.keys() == b.keys()
     for image_id in a:
         for x, y in zip(a[image_id], b[image_id]):
             assert np.array_equal(x, y), image_id
+
+
+def test_cpu_streams_write_the_same_cams(setup, tmp_path):
+    _infer(setup, tmp_path / "one.zarr", CFG.model_copy(update={"cpu_streams": 1}))
+    two = _infer(setup, tmp_path / "two.zarr")
+    a, b = _contents(tmp_path / "one.zarr"), _contents(tmp_path / "two.zarr")
+    assert a.keys() == b.keys() and len(a) == two["written"]
+    for image_id in a:
+        assert np.array_equal(a[image_id][0], b[image_id][0])
+        for x, y in zip(a[image_id][1:], b[image_id][1:]):  # threads per image differ: float rounding only
+            np.testing.assert_allclose(x, y, atol=2e-3)
 
 
 def test_shards_cover_disjoint_images(setup, tmp_path):
