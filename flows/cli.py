@@ -33,11 +33,11 @@ def _stage_list(stages: str | None) -> list[str] | None:
 
 
 def _run_flow(cfg, stages: str | None, start: str | None) -> None:
-    from flows.pipeline import sfc_pipeline
+    from flows.pipeline import run_pipeline
     from storage.datasets.voc_layout import DataError
 
     try:
-        summary = sfc_pipeline(cfg.model_dump(mode="json"), _stage_list(stages), start)
+        summary = run_pipeline(cfg, _stage_list(stages), start)
     except (DataError, FileNotFoundError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(json.dumps({"run_dir": summary["run_dir"], "mlflow_run_id": summary["mlflow_run_id"]}, indent=2))

@@ -5,16 +5,21 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from storage import fs
 from tasks.eval_cam import EvalCamConfig
+from tasks.eval_seg import EvalSegConfig
 from tasks.infer_cams import InferCamConfig
+from tasks.make_ir_labels import IrLabelConfig
+from tasks.make_pseudo_labels import PseudoLabelConfig
 from tasks.prepare_data import DataConfig
 from tasks.train_cam import TrainCamConfig
+from tasks.train_irn import TrainIrnConfig
+from tasks.train_seg import TrainSegConfig
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -32,6 +37,13 @@ class RunConfig(BaseModel):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     retries: int = Field(1, ge=0, description="Prefect retries of a stage after a transient I/O error")
     retry_delay_s: float = Field(10.0, ge=0)
+    shards: int = Field(1, ge=1, description="per-image stages (CAM inference, IR labels, pseudo labels) fan out as "
+                        "this many mapped Prefect tasks")
+    task_runner: Literal["threads", "dask"] = Field(
+        "threads", description="where mapped shard tasks run: threads of the flow process, or a Dask cluster")
+    dask_address: str | None = Field(None, description="scheduler of an existing Dask cluster (tcp://host:8786); "
+                                     "null: a local cluster started for the run")
+    dask_workers: int = Field(2, ge=1, description="worker processes of the local Dask cluster")
 
     @field_validator("name")
     @classmethod
@@ -62,6 +74,11 @@ class PipelineConfig(BaseModel):
     train_cam: TrainCamConfig = TrainCamConfig()
     infer_cams: InferCamConfig = InferCamConfig()
     eval_cam: EvalCamConfig = EvalCamConfig()
+    ir_labels: IrLabelConfig = IrLabelConfig()
+    train_irn: TrainIrnConfig = TrainIrnConfig()
+    pseudo_labels: PseudoLabelConfig = PseudoLabelConfig()
+    train_seg: TrainSegConfig = TrainSegConfig()
+    eval_seg: EvalSegConfig = EvalSegConfig()
 
     @property
     def run_dir(self) -> str:

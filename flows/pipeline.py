@@ -15,14 +15,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, unmapped
 from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from pydantic import BaseModel
 from prefect.runtime import flow_run
 
 from flows.config import PipelineConfig, load_config
 from flows.stages import STAGES, Stage, manifest_url, missing_outputs, select_stages
 from storage import fs
 from storage.tracking import Tracker, open_tracker
+from tasks.shards import all_shards
 
 log = logging.getLogger(__name__)
 
@@ -76,22 +79,77 @@ def load_manifest(run_dir: str, stage: str) -> dict:
     return json.loads(fs.read_text(url))["manifest"]
 
 
+def clear_superseded(stage: Stage, cfg: PipelineConfig, key: str) -> None:
+    """A stage that finished under another cache key (a changed parameter or input) is redone from scratch: its
+    outputs and record are removed first, so the new run neither resumes from nor mixes with them. An interrupted
+    stage has no record yet, so its partial outputs stay for the stage's own resume."""
+    record_url = manifest_url(cfg.run_dir, stage.name)
+    if not fs.exists(record_url) or json.loads(fs.read_text(record_url))["cache_key"] == key:
+        return
+    for path in stage.owned_paths(cfg):
+        if fs.exists(path):
+            log.warning("stage %s: settings or inputs changed; removing its previous outputs %s", stage.name, path)
+            fs.remove(path)
+    fs.remove(record_url)
+
+
+def _run_whole(stage: Stage, cfg: PipelineConfig, key: str, arguments: dict) -> tuple[dict, bool]:
+    """The stage as one Prefect task whose result is cached under ``key``; a cached result whose outputs are gone
+    is computed again. Returns (manifest, taken from the cache)."""
+    policy = CacheKeyFnPolicy(cache_key_fn=lambda *_: key).configure(key_storage=cache_storage(cfg))
+    task = stage.task.with_options(cache_policy=policy, persist_result=True, retries=cfg.run.retries,
+                                   retry_delay_seconds=cfg.run.retry_delay_s, retry_condition_fn=_is_transient)
+    state = task(**arguments, return_state=True)
+    manifest, cached = state.result(), state.name == "Cached"
+    if cached and (missing := missing_outputs(manifest, cfg.run_dir)):
+        log.warning("stage %s: cached result names missing outputs (%s); running it again",
+                    stage.name, ", ".join(missing[:3]))
+        manifest, cached = task.with_options(refresh_cache=True)(**arguments), False
+    return manifest, cached
+
+
+def single_process(section: BaseModel) -> BaseModel:
+    """A stage config whose work stays in its own process (Dask workers are daemons: they cannot start process
+    pools or DataLoader workers). Neither setting changes the outputs."""
+    fields = type(section).model_fields
+    return section.model_copy(update={k: v for k, v in (("workers", 1), ("num_workers", 0)) if k in fields})
+
+
+def _run_sharded(stage: Stage, cfg: PipelineConfig, key: str, arguments: dict,
+                 tracker: Tracker) -> tuple[dict, bool]:
+    """The stage as ``run.shards`` mapped Prefect tasks (on the flow's task runner: threads or Dask), each writing
+    its share of the images, merged into one manifest. Finished when its record holds ``key`` and its outputs
+    exist; an interrupted stage resumes from the images its shards completed."""
+    record_url = manifest_url(cfg.run_dir, stage.name)
+    if fs.exists(record_url):
+        record = json.loads(fs.read_text(record_url))
+        if record["cache_key"] == key and not missing_outputs(record["manifest"], cfg.run_dir):
+            return record["manifest"], True
+    section = arguments["cfg"]
+    shard_arguments = {**arguments, "tracker": None,
+                       "cfg": single_process(section) if cfg.run.task_runner == "dask" else section}
+    task = stage.task.with_options(retries=cfg.run.retries, retry_delay_seconds=cfg.run.retry_delay_s,
+                                   retry_condition_fn=_is_transient)
+    futures = task.map(**{name: unmapped(value) for name, value in shard_arguments.items()},
+                       shard=all_shards(cfg.run.shards))
+    manifest = stage.merge(futures.result())
+    tracker.log_params({stage.name: section.model_dump(mode="json"), "shards": cfg.run.shards})
+    tracker.log_metrics({k: v for k, v in manifest.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return manifest, False
+
+
 def run_stage(stage: Stage, cfg: PipelineConfig, manifests: dict[str, dict], tracker: Tracker) -> dict:
     """Run one stage's task (or take its cached manifest), check its outputs, record its manifest file."""
     key = stage.cache_key(cfg, manifests)
-    policy = CacheKeyFnPolicy(cache_key_fn=lambda *_: key).configure(key_storage=cache_storage(cfg))
+    clear_superseded(stage, cfg, key)
     failed_url = fs.join(cfg.run_dir, "manifests", f"{stage.name}.failed.json")
     with stage_run(tracker, stage.name) as child:
         arguments = stage.arguments(cfg, manifests, child)
-        task = stage.task.with_options(cache_policy=policy, persist_result=True, retries=cfg.run.retries,
-                                       retry_delay_seconds=cfg.run.retry_delay_s, retry_condition_fn=_is_transient)
         try:
-            state = task(**arguments, return_state=True)
-            manifest, cached = state.result(), state.name == "Cached"
-            if cached and (missing := missing_outputs(manifest, cfg.run_dir)):
-                log.warning("stage %s: cached result names missing outputs (%s); running it again",
-                            stage.name, ", ".join(missing[:3]))
-                manifest, cached = task.with_options(refresh_cache=True)(**arguments), False
+            if stage.merge is not None and cfg.run.shards > 1:
+                manifest, cached = _run_sharded(stage, cfg, key, arguments, child)
+            else:
+                manifest, cached = _run_whole(stage, cfg, key, arguments)
         except BaseException as err:
             fs.write_text(failed_url, json.dumps({"stage": stage.name, "error": f"{type(err).__name__}: {err}",
                                                   "time": time.time()}, indent=2))
@@ -99,12 +157,30 @@ def run_stage(stage: Stage, cfg: PipelineConfig, manifests: dict[str, dict], tra
     if fs.exists(failed_url):
         fs.remove(failed_url)
     record_url = manifest_url(cfg.run_dir, stage.name)
-    if cached and fs.exists(record_url) and json.loads(fs.read_text(record_url))["cache_key"] == key:
+    if cached and fs.exists(record_url):
         log.info("stage %s: finished before, taken from the cache", stage.name)
     else:
         record = {"stage": stage.name, "cache_key": key, "finished": time.time(), "manifest": manifest}
         fs.write_text(record_url, json.dumps(record, indent=2, default=str))
     return manifest
+
+
+def task_runner(cfg: PipelineConfig) -> TaskRunner:
+    """Where mapped shard tasks run: a thread per shard in the flow's process, or a Dask cluster (the scheduler at
+    ``run.dask_address``, else a local cluster of ``run.dask_workers`` single-threaded processes)."""
+    if cfg.run.task_runner == "threads":
+        return ThreadPoolTaskRunner(max_workers=cfg.run.shards)
+    from prefect_dask import DaskTaskRunner
+
+    if cfg.run.dask_address:
+        return DaskTaskRunner(address=cfg.run.dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.run.dask_workers, "threads_per_worker": 1,
+                                          "dashboard_address": None})
+
+
+def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None, start: str | None = None) -> dict:
+    """Run :func:`sfc_pipeline` for ``cfg`` on the task runner its ``run`` section asks for."""
+    return sfc_pipeline.with_options(task_runner=task_runner(cfg))(cfg.model_dump(mode="json"), stages, start)
 
 
 @flow(name="sfc-pipeline", log_prints=True)
@@ -113,6 +189,9 @@ def sfc_pipeline(config: dict, stages: list[str] | None = None, start: str | Non
     named ``stages``, or ``start`` and the stages after it. Finished stages are taken from the cache."""
     cfg = PipelineConfig.model_validate(config)
     selected = select_stages(stages, start)
+    if stages and (disabled := [s.name for s in selected if not s.enabled(cfg)]):
+        raise ValueError(f"stage(s) {', '.join(disabled)} are not part of this configuration "
+                         f"(pseudo_labels.method={cfg.pseudo_labels.method})")
     run_dir = cfg.run_dir
     fs.makedirs(run_dir)
     fs.write_text(fs.join(run_dir, "config.yaml"), cfg.to_yaml())
@@ -122,10 +201,12 @@ def sfc_pipeline(config: dict, stages: list[str] | None = None, start: str | Non
     if not tracker.resumed:
         tracker.log_params(cfg.model_dump(mode="json"))
         tracker.log_text(cfg.to_yaml(), "config.yaml")
-    manifests: dict[str, dict] = {}
+    manifests: dict[str, dict | None] = {}
     try:
         for stage in STAGES:
-            if stage in selected:
+            if not stage.enabled(cfg):
+                manifests[stage.name] = None
+            elif stage in selected:
                 manifests[stage.name] = run_stage(stage, cfg, manifests, tracker)
             elif any(stage.name in s.needs for s in selected):
                 manifests[stage.name] = load_manifest(run_dir, stage.name)
@@ -143,4 +224,4 @@ def sfc_pipeline_from_config(config_path: str = "configs/synthetic.yaml", overri
                              stages: list[str] | None = None, start: str | None = None) -> dict:
     """Entry point for deployments: load a YAML config with dotted overrides, then run :func:`sfc_pipeline`."""
     cfg = load_config(config_path, overrides or [])
-    return sfc_pipeline(cfg.model_dump(mode="json"), stages, start)
+    return run_pipeline(cfg, stages, start)

@@ -54,7 +54,7 @@ def _run_dir_of_mlflow_run(run_id: str, tracking_uri: str) -> str | None:
 @dataclass
 class StageStatus:
     name: str
-    state: str  # done | stale | failed | pending
+    state: str  # done | stale | failed | pending | disabled
     figures: dict = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
     error: str | None = None
@@ -70,9 +70,15 @@ def _figures(manifest: dict) -> dict:
 
 def run_status(cfg: PipelineConfig) -> list[StageStatus]:
     """Each stage's state in the run directory: done (its manifest matches the current config and code), stale
-    (finished under another config or code), failed (the last attempt raised) or pending."""
-    statuses, manifests = [], {}
+    (finished under another config or code), failed (the last attempt raised), pending, or disabled (not part of
+    this configuration, e.g. IRN when pseudo_labels.method is crf)."""
+    statuses: list[StageStatus] = []
+    manifests: dict[str, dict | None] = {}
     for stage in STAGES:
+        if not stage.enabled(cfg):
+            manifests[stage.name] = None
+            statuses.append(StageStatus(stage.name, "disabled"))
+            continue
         url = manifest_url(cfg.run_dir, stage.name)
         failed_url = fs.join(cfg.run_dir, "manifests", f"{stage.name}.failed.json")
         status = StageStatus(stage.name, "pending")

@@ -13,11 +13,26 @@ from flows.config import PipelineConfig
 from storage import fs
 from storage.tracking import Tracker
 from tasks.eval_cam import eval_cam_task
-from tasks.infer_cams import infer_cams_task
+from tasks.eval_pseudo_labels import evaluate_pseudo_labels_task
+from tasks.eval_seg import eval_seg_task
+from tasks.infer_cams import infer_cams_task, merge_infer_manifests
+from tasks.label_maps import merge_label_manifests
+from tasks.make_ir_labels import make_ir_labels_task
+from tasks.make_pseudo_labels import make_pseudo_labels_task
 from tasks.prepare_data import prepare_data_task
 from tasks.train_cam import train_cam_task
+from tasks.train_irn import CAM_WEIGHTS, TrainIrnConfig, train_irn_task
+from tasks.train_seg import train_seg_task
 
 Arguments = Callable[[PipelineConfig, Mapping[str, dict], Tracker], dict[str, Any]]
+
+
+def _always(cfg: PipelineConfig) -> bool:
+    return True
+
+
+def _uses_irn(cfg: PipelineConfig) -> bool:
+    return cfg.pseudo_labels.method == "irn"
 
 
 @dataclass(frozen=True)
@@ -25,12 +40,18 @@ class Stage:
     name: str
     task: Any  # the module's Prefect task
     sections: tuple[str, ...]  # config sections the stage's outputs depend on
-    needs: tuple[str, ...]  # stages whose manifests it reads
+    needs: tuple[str, ...]  # stages whose manifests it reads (None for a disabled stage)
     arguments: Arguments
+    enabled: Callable[[PipelineConfig], bool] = _always  # e.g. IRN only for pseudo_labels.method=irn
+    owns: tuple[str, ...] = ()  # run-directory entries only this stage writes: cleared when its inputs change
+    merge: Callable[[list[dict]], dict] | None = None  # set for per-image stages that run as mapped shards
 
     @property
     def module(self) -> str:
         return self.task.fn.__module__
+
+    def owned_paths(self, cfg: PipelineConfig) -> list[str]:
+        return [fs.join(cfg.run_dir, entry) for entry in self.owns]
 
     def cache_key(self, cfg: PipelineConfig, inputs: Mapping[str, dict]) -> str:
         """Derived from the stage's config sections, the run's seed/device/directory, the manifests of its
@@ -48,21 +69,61 @@ def _splits(manifests: Mapping[str, dict]) -> dict[str, str]:
     return manifests["prepare_data"]["splits"]
 
 
+def _irn_config(cfg: PipelineConfig, manifests: Mapping[str, dict]) -> TrainIrnConfig:
+    """``train_irn.weights: cam`` takes IRN's frozen backbone from the trained CAM network (runs without ImageNet
+    weights, such as the synthetic demo)."""
+    if cfg.train_irn.weights != CAM_WEIGHTS:
+        return cfg.train_irn
+    return cfg.train_irn.model_copy(update={"weights": manifests["train_cam"]["checkpoint"]})
+
+
+def _out(cfg: PipelineConfig, name: str) -> str:
+    return fs.join(cfg.run_dir, name)
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("prepare_data", prepare_data_task, ("data",), (),
           lambda cfg, m, t: {"cfg": cfg.data, "run_dir": cfg.run_dir, "cache_dir": cfg.cache_dir, "tracker": t}),
     Stage("train_cam", train_cam_task, ("train_cam",), ("prepare_data",),
           lambda cfg, m, t: {"cfg": cfg.train_cam, "train_split_url": _splits(m)["train"],
-                             "val_split_url": _splits(m)["val"], "out_dir": fs.join(cfg.run_dir, "train_cam"),
-                             "seed": cfg.run.seed, "device": cfg.run.device, "tracker": t}),
+                             "val_split_url": _splits(m)["val"], "out_dir": _out(cfg, "train_cam"),
+                             "seed": cfg.run.seed, "device": cfg.run.device, "tracker": t}, owns=("train_cam",)),
     Stage("infer_cams", infer_cams_task, ("infer_cams",), ("prepare_data", "train_cam"),
           lambda cfg, m, t: {"cfg": cfg.infer_cams, "checkpoint_url": m["train_cam"]["checkpoint"],
-                             "split_urls": [_splits(m)["train"], _splits(m)["val"]],
-                             "store_url": cam_store_url(cfg), "device": cfg.run.device, "tracker": t}),
+                             "split_urls": [_splits(m)["train"]], "store_url": cam_store_url(cfg),
+                             "device": cfg.run.device, "tracker": t},
+          owns=("cams.zarr",), merge=merge_infer_manifests),
     Stage("eval_cam", eval_cam_task, ("eval_cam",), ("prepare_data", "infer_cams"),
           lambda cfg, m, t: {"cfg": cfg.eval_cam, "store_url": m["infer_cams"]["store"],
-                             "split_url": _splits(m)["val"], "out_dir": fs.join(cfg.run_dir, "metrics"),
-                             "tracker": t}),
+                             "split_url": _splits(m)["seed"], "out_dir": _out(cfg, "metrics"), "tracker": t}),
+    Stage("make_ir_labels", make_ir_labels_task, ("ir_labels",), ("prepare_data", "infer_cams"),
+          lambda cfg, m, t: {"cfg": cfg.ir_labels, "store_url": m["infer_cams"]["store"],
+                             "split_url": _splits(m)["train"], "out_dir": _out(cfg, "ir_labels"), "tracker": t},
+          enabled=_uses_irn, owns=("ir_labels",), merge=merge_label_manifests),
+    Stage("train_irn", train_irn_task, ("train_irn",), ("prepare_data", "train_cam", "make_ir_labels"),
+          lambda cfg, m, t: {"cfg": _irn_config(cfg, m), "ir_label_dir": m["make_ir_labels"]["out_dir"],
+                             "split_file": _splits(m)["train"], "out_dir": _out(cfg, "train_irn"),
+                             "seed": cfg.run.seed, "device": cfg.run.device, "tracker": t},
+          enabled=_uses_irn, owns=("train_irn",)),
+    Stage("make_pseudo_labels", make_pseudo_labels_task, ("pseudo_labels",),
+          ("prepare_data", "infer_cams", "train_irn"),
+          lambda cfg, m, t: {"cfg": cfg.pseudo_labels, "store_url": m["infer_cams"]["store"],
+                             "split_url": _splits(m)["train"], "out_dir": _out(cfg, "pseudo_labels"),
+                             "device": cfg.run.device, "tracker": t,
+                             "irn_checkpoint": (m["train_irn"] or {}).get("checkpoint")},
+          owns=("pseudo_labels",), merge=merge_label_manifests),
+    Stage("eval_pseudo_labels", evaluate_pseudo_labels_task, (), ("prepare_data", "make_pseudo_labels"),
+          lambda cfg, m, t: {"split_url": _splits(m)["seed"], "label_dir": m["make_pseudo_labels"]["out_dir"],
+                             "out_dir": _out(cfg, "metrics"), "tracker": t}),
+    Stage("train_seg", train_seg_task, ("train_seg",), ("prepare_data", "make_pseudo_labels"),
+          lambda cfg, m, t: {"cfg": cfg.train_seg, "train_split_url": _splits(m)["train"],
+                             "pseudo_label_dir": m["make_pseudo_labels"]["out_dir"],
+                             "val_split_url": _splits(m)["val"], "out_dir": _out(cfg, "train_seg"),
+                             "seed": cfg.run.seed, "device": cfg.run.device, "tracker": t}, owns=("train_seg",)),
+    Stage("eval_seg", eval_seg_task, ("eval_seg",), ("prepare_data", "train_seg"),
+          lambda cfg, m, t: {"cfg": cfg.eval_seg, "checkpoint": m["train_seg"]["checkpoint"],
+                             "val_split_url": _splits(m)["val"], "out_dir": _out(cfg, "metrics"),
+                             "device": cfg.run.device, "tracker": t, "test_split_url": _splits(m).get("test")}),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 

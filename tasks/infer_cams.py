@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import time
 
 import numpy as np
@@ -21,11 +20,11 @@ from storage.datasets.cam_inference import MultiScaleSet
 from storage.datasets.split_files import load_split_file
 from storage.datasets.voc_layout import Split
 from storage.tracking import Tracker
+from tasks.shards import merge_counts, parse_shard
 from tasks.train_cam import config_hash, resolve_device
 
 log = logging.getLogger(__name__)
 
-_SHARD = re.compile(r"^(\d+)/(\d+)$")
 
 
 class InferCamConfig(BaseModel):
@@ -45,16 +44,6 @@ class InferCamConfig(BaseModel):
         if not scales or any(s <= 0 for s in scales):
             raise ValueError(f"scales must be a non-empty list of positive numbers, got {list(scales)}")
         return scales
-
-
-def parse_shard(shard: str | None) -> tuple[int, int]:
-    """'i/n' -> (i, n), with 0 <= i < n; None -> (0, 1)."""
-    if shard is None:
-        return 0, 1
-    match = _SHARD.match(shard)
-    if not match or not int(match.group(1)) < int(match.group(2)):
-        raise ValueError(f"shard must look like i/n with 0 <= i < n, got {shard!r}")
-    return int(match.group(1)), int(match.group(2))
 
 
 def union_of_splits(splits: list[Split]) -> Split:
@@ -138,6 +127,12 @@ def infer_cams(
     tracker.log_metrics({"images": len(mine), "written": len(todo), "seconds": seconds,
                          "images_per_second": manifest["images_per_second"] or 0.0})
     return manifest
+
+
+def merge_infer_manifests(manifests: list[dict]) -> dict:
+    """The stage manifest of a sharded inference."""
+    merged = merge_counts(manifests, ("images", "written"), ("store", "config_hash", "checkpoint_hash"))
+    return {**merged, "shard": "0/1"}
 
 
 infer_cams_task = task(infer_cams, name="infer_cams", cache_policy=NO_CACHE)

@@ -17,8 +17,11 @@ from storage.datasets.split_files import load_split_file
 from storage.datasets.voc_layout import DataError, Split
 from storage.images import IGNORE_INDEX, read_rgb, write_mask
 from tasks.parallel import parallel_map
+from tasks.shards import merge_counts, shard_items
 
 log = logging.getLogger(__name__)
+
+LABEL_KINDS = ("background", "foreground", "ignore")
 
 TMP_MARK = ".png.tmp-"  # fs.atomic_open's temporary siblings of <id>.png
 SETTINGS = "_settings.json"
@@ -75,11 +78,12 @@ def label_url(out_dir: str, image_id: str) -> str:
 
 def pending_ids(out_dir: str, ids: Sequence[str]) -> list[str]:
     """The ids without ``<out_dir>/<id>.png`` yet (writes are atomic: an existing PNG is complete). Temporary
-    files left by a killed run are removed."""
+    files a killed run left for these ids are removed (other shards' files in progress are not touched)."""
     if not fs.isdir(out_dir):
         return list(ids)
     names = fs.listdir(out_dir)
-    leftovers = [name for name in names if TMP_MARK in name]
+    mine = set(ids)
+    leftovers = [name for name in names if TMP_MARK in name and name.split(".png", 1)[0] in mine]
     for name in leftovers:
         fs.remove(fs.join(out_dir, name))
     if leftovers:
@@ -114,21 +118,34 @@ def write_labels(out_dir: str, image_id: str, labels: np.ndarray) -> np.ndarray:
 
 
 def write_all(job: Callable[[tuple[str, str]], np.ndarray], split: Split, out_dir: str, workers: int | None,
-              desc: str) -> dict:
-    """Run ``job((image_id, image_url))`` for every image of ``split`` not written yet; return counts, timing and
-    the pixel fractions of the labels written by this call."""
-    todo = pending_ids(out_dir, split.ids)
-    log.info("%s: %d images, %d already written in %s", desc, len(split.ids), len(split.ids) - len(todo), out_dir)
+              desc: str, shard: str | None = None) -> dict:
+    """Run ``job((image_id, image_url))`` for every image of ``split`` (or of its ``shard`` 'i/n') not written
+    yet; return counts, timing and the pixel counts and fractions of the labels written by this call."""
+    ids = shard_items(split.ids, shard)
+    todo = pending_ids(out_dir, ids)
+    log.info("%s: %d images, %d already written in %s", desc, len(ids), len(ids) - len(todo), out_dir)
     started = time.perf_counter()
     counts = np.zeros(3, dtype=np.int64)
     for image_counts in parallel_map(job, [(i, split.image_url(i)) for i in todo], workers, desc):
         counts += image_counts
     seconds = time.perf_counter() - started
-    total = max(1, int(counts.sum()))
+    pixels = dict(zip(LABEL_KINDS, counts.tolist()))
     return {
-        "out_dir": out_dir, "split": split.name, "images": len(split.ids), "written": len(todo),
-        "skipped": len(split.ids) - len(todo), "seconds": seconds,
+        "out_dir": out_dir, "split": split.name, "images": len(ids), "written": len(todo),
+        "skipped": len(ids) - len(todo), "seconds": seconds,
         "images_per_second": len(todo) / seconds if todo and seconds > 0 else None,
-        "label_fractions": {name: float(c) / total for name, c in zip(("background", "foreground", "ignore"),
-                                                                      counts)},
+        "pixel_counts": pixels, "label_fractions": _fractions(pixels),
     }
+
+
+def _fractions(pixels: dict[str, int]) -> dict[str, float]:
+    total = max(1, sum(pixels.values()))
+    return {kind: pixels[kind] / total for kind in LABEL_KINDS}
+
+
+def merge_label_manifests(manifests: list[dict]) -> dict:
+    """The stage manifest of labels written by several shards."""
+    merged = merge_counts(manifests, ("images", "written", "skipped"), ("out_dir", "split"))
+    pixels = {kind: sum(m["pixel_counts"][kind] for m in manifests) for kind in LABEL_KINDS}
+    extra = {k: v for k, v in manifests[0].items() if k not in merged and k not in ("pixel_counts", "label_fractions")}
+    return {**extra, **merged, "pixel_counts": pixels, "label_fractions": _fractions(pixels)}

@@ -43,16 +43,16 @@ class IrLabelConfig(BaseModel):
 
 
 def make_ir_labels(cfg: IrLabelConfig, store_url: str, split_url: str, out_dir: str,
-                   tracker: Tracker | None = None) -> dict:
-    """Write ``<out_dir>/<id>.png`` for every image of the split from its CAMs in the store; images already written
-    are skipped (resume); a directory holding labels of other settings (config, CAM store) is refused. Returns
-    the manifest (counts, timing, background / foreground / ignore fractions)."""
+                   tracker: Tracker | None = None, shard: str | None = None) -> dict:
+    """Write ``<out_dir>/<id>.png`` for every image of the split (or of its ``shard`` 'i/n') from its CAMs in the
+    store; images already written are skipped (resume); a directory holding labels of other settings (config, CAM
+    store) is refused. Returns the manifest (counts, timing, background / foreground / ignore fractions)."""
     tracker = tracker or Tracker.null()
     store, split = open_inputs(store_url, split_url)
     digest = claim_out_dir(out_dir, {"stage": "ir_labels", "config": cfg.model_dump(mode="json", exclude={"workers"}),
                             "cam_store": [store.config_hash, store.checkpoint_hash]})
     job = IrLabelJob(store_url, out_dir, cfg.proto_weight, cfg.bg_scale, cfg.gt_prob, cfg.crf.params())
-    manifest = write_all(job, split, out_dir, cfg.workers, "ir_labels")
+    manifest = write_all(job, split, out_dir, cfg.workers, "ir_labels", shard)
     manifest["settings_digest"] = digest
     log.info("IR labels: %d written, %d skipped, fractions %s", manifest["written"], manifest["skipped"],
              manifest["label_fractions"])

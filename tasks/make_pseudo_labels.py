@@ -51,10 +51,11 @@ class PseudoLabelConfig(BaseModel):
 
 
 def make_pseudo_labels(cfg: PseudoLabelConfig, store_url: str, split_url: str, out_dir: str, device: str = "auto",
-                       tracker: Tracker | None = None, irn_checkpoint: str | None = None) -> dict:
-    """Write ``<out_dir>/<id>.png`` for every image of the split with the configured method; images already
-    written are skipped (resume); a directory holding labels of other settings (config, CAM store, IRN weights) is
-    refused. ``irn_checkpoint`` (the trained IRN) is required by method ``irn``."""
+                       tracker: Tracker | None = None, irn_checkpoint: str | None = None,
+                       shard: str | None = None) -> dict:
+    """Write ``<out_dir>/<id>.png`` for every image of the split (or of its ``shard`` 'i/n') with the configured
+    method; images already written are skipped (resume); a directory holding labels of other settings (config,
+    CAM store, IRN weights) is refused. ``irn_checkpoint`` (the trained IRN) is required by method ``irn``."""
     tracker = tracker or Tracker.null()
     if cfg.method == "irn" and not irn_checkpoint:
         raise ValueError("pseudo-label method 'irn' needs the IRN checkpoint (irn_checkpoint); "
@@ -69,7 +70,7 @@ def make_pseudo_labels(cfg: PseudoLabelConfig, store_url: str, split_url: str, o
     job = PseudoLabelJob(store_url, out_dir, cfg.method, cfg.proto_weight, cfg.bg_threshold, cfg.gt_prob,
                          cfg.crf.params(), cfg.random_walk_params(), str(torch_device), irn_checkpoint,
                          max(1, default_workers() // workers))
-    manifest = write_all(job, split, out_dir, workers, f"pseudo_labels[{cfg.method}]")
+    manifest = write_all(job, split, out_dir, workers, f"pseudo_labels[{cfg.method}]", shard)
     manifest.update({"method": cfg.method, "device": str(torch_device), "irn_checkpoint": irn_checkpoint,
                      "settings_digest": digest})
     log.info("pseudo labels (%s): %d written, %d skipped in %.1f s", cfg.method, manifest["written"],

@@ -44,7 +44,11 @@ class DataConfig(BaseModel):
     kind: Literal[DATASET_KINDS]  # type: ignore[valid-type]
     root: str = Field(description="dataset root in VOC layout (path or fsspec URL)")
     train_split: str = "train_aug"
-    val_split: str = Field("val", description="split with ground-truth masks used for validation")
+    val_split: str = Field("val", description="split with ground-truth masks: validation and segmentation scores")
+    seed_split: str = Field("train", description="split with ground-truth masks inside train_split where CAMs and "
+                            "pseudo labels are scored (VOC: the 1464 train images)")
+    test_split: str | None = Field(None, description="split without masks whose segmentation predictions are "
+                                   "exported in the VOC evaluation-server layout")
     on_bad_data: Literal["error", "skip"] = "error"
     check_files: bool = Field(True, description="decode every image and mask of the used splits")
     synthetic: SyntheticConfig = SyntheticConfig()
@@ -100,7 +104,8 @@ def dataset_statistics(train: Split) -> dict:
 
 
 def prepare_data(cfg: DataConfig, run_dir: str, cache_dir: str, tracker: Tracker | None = None) -> dict:
-    """Validate the dataset, write the checked train/val split files and the statistics; return the manifest."""
+    """Validate the dataset, write the checked split files of every role (train, val, seed, test) and the
+    statistics; return the manifest."""
     tracker = tracker or Tracker.null()
     ensure_synthetic(cfg)
     root_key = hashlib.sha256(cfg.root.encode()).hexdigest()[:12]
@@ -108,14 +113,22 @@ def prepare_data(cfg: DataConfig, run_dir: str, cache_dir: str, tracker: Tracker
     dataset = VOCLayoutDataset(cfg.root, cfg.kind, label_cache=cache)
     split_urls = {}
     splits = {}
-    for role, name in (("train", cfg.train_split), ("val", cfg.val_split)):
-        split = _checked(dataset, dataset.load_split(name, cfg.on_bad_data), cfg)
-        if role == "val" and not split.has_masks:
+    roles = {"train": cfg.train_split, "val": cfg.val_split, "seed": cfg.seed_split, "test": cfg.test_split}
+    for role, name in roles.items():
+        if name is None:
+            continue
+        split = _checked(dataset, dataset.load_split(name, cfg.on_bad_data, labels_required=role != "test"), cfg)
+        if role in ("val", "seed") and not split.has_masks:
             missing = next(i for i in split.ids if i not in split.mask_urls)
-            raise DataError(f"val split {name!r} needs masks; none for {missing!r} under {cfg.root}")
+            raise DataError(f"{role} split {name!r} needs masks; none for {missing!r} under {cfg.root}")
         splits[role] = split
         split_urls[role] = fs.join(run_dir, "splits", f"{name}.json")
         save_split(split_urls[role], split)
+    outside = sorted(set(splits["seed"].ids) - set(splits["train"].ids))
+    if outside:
+        raise DataError(f"seed split {cfg.seed_split!r} must lie inside train split {cfg.train_split!r} (CAMs and "
+                        f"pseudo labels are made for the training images); {outside[0]!r} and {len(outside) - 1} "
+                        f"more are not")
     stats = dataset_statistics(splits["train"])
     stats["splits"] = {role: {"name": s.name, "images": len(s.ids), "with_masks": len(s.mask_urls)}
                        for role, s in splits.items()}

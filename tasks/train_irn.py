@@ -38,6 +38,9 @@ KIND = "irn"
 LOSS_WINDOW = 20  # steps averaged for the first/last losses of the manifest
 
 
+CAM_WEIGHTS = "cam"  # train_irn.weights value: the backbone of this run's CAM network (set by the flow)
+
+
 class TrainIrnConfig(BaseModel):
     """IRN training (method doc 7.2); defaults are the reference's."""
 
@@ -45,7 +48,8 @@ class TrainIrnConfig(BaseModel):
     backbone: Literal[BACKBONES] = "resnet50"  # type: ignore[valid-type]
     weights: str | None = Field(
         None, description="frozen backbone weights: a torchvision ResNet state dict, or a CAM checkpoint of this "
-                          "project (its backbone is used; a deviation for runs without ImageNet weights)")
+                          "project (its backbone is used; a deviation for runs without ImageNet weights); in the "
+                          "pipeline 'cam' names this run's CAM checkpoint")
     crop: int = Field(512, ge=32, le=2048)
     scale_range: tuple[float, float] = Field(
         (0.5, 1.0), description="random rescale range; the reference's effective [0.5, 1.0] (IRN/SIPE: [0.5, 1.5])")
@@ -81,6 +85,9 @@ class TrainIrnConfig(BaseModel):
 
 def build_model(cfg: TrainIrnConfig) -> IRNet:
     model = IRNet(cfg.backbone)
+    if cfg.weights == CAM_WEIGHTS:
+        raise ValueError("train_irn.weights 'cam' is resolved by the pipeline flow; outside it give the path of "
+                         "the CAM checkpoint")
     if cfg.weights:
         load_backbone_weights(model, cfg.weights)
     return model

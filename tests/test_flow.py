@@ -7,12 +7,18 @@ from click.testing import CliRunner
 
 from flows.cli import main
 from flows.config import load_config
+from flows.stages import STAGE_NAMES
 from storage import fs
 
 TINY = [
     "data.synthetic.num_images=40", "data.synthetic.min_size=64", "data.synthetic.max_size=80",
     "train_cam.crop=64", "train_cam.resize_long=[48,80]", "train_cam.batch_size=4", "train_cam.max_steps=3",
     "train_cam.trainable_from=3", "train_cam.num_workers=0", "train_cam.val_max_images=4",
+    "ir_labels.workers=1", "train_irn.max_steps=3", "train_irn.batch_size=4", "train_irn.num_workers=0",
+    "train_irn.checkpoint_every=2", "pseudo_labels.exp_times=3", "pseudo_labels.workers=1",
+    "train_seg.max_steps=3", "train_seg.batch_size=4", "train_seg.crop=64", "train_seg.num_workers=0",
+    "train_seg.val_size=80", "eval_seg.test_size=80", "eval_seg.num_workers=0", "eval_seg.crf_workers=1",
+    "eval_seg.overlays=2",
 ]
 
 
@@ -46,7 +52,7 @@ def test_flow_is_tracked_in_mlflow(finished_run):
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_stage = {run.data.tags["sfc.stage"]: run for run in children}
-    assert set(by_stage) == {"prepare_data", "train_cam", "infer_cams", "eval_cam"}
+    assert set(by_stage) == set(STAGE_NAMES)
     train = by_stage["train_cam"]
     assert [m.step for m in client.get_metric_history(train.info.run_id, "loss")] == [1, 2, 3]
     assert "lr_backbone" in train.data.metrics and "images_per_second" in train.data.metrics
@@ -102,3 +108,30 @@ def test_cli_infer_cams_shard_skips_completed_images(finished_run):
     manifest = json.loads(result.output[result.output.index("{"):])
     assert manifest["shard"] == "1/2" and manifest["written"] == 0
     assert manifest["images"] == summary["stages"]["infer_cams"]["images"] // 2
+
+
+def test_flow_runs_refinement_and_segmentation(finished_run):
+    from mlflow.tracking import MlflowClient
+
+    from storage.datasets.split_files import load_split_file
+    from storage.images import read_mask
+
+    cfg, summary, _ = finished_run
+    run_dir, stages = summary["run_dir"], summary["stages"]
+    train_ids = load_split_file(stages["prepare_data"]["splits"]["train"]).ids
+    for folder in ("ir_labels", "pseudo_labels"):
+        assert sorted(n for n in fs.listdir(f"{run_dir}/{folder}") if n.endswith(".png")) == \
+            sorted(f"{i}.png" for i in train_ids)
+    labels = read_mask(f"{run_dir}/pseudo_labels/{train_ids[0]}.png")
+    assert labels.dtype.name == "uint8" and set(labels.ravel().tolist()) <= set(range(21)) | {255}
+    assert stages["make_pseudo_labels"]["irn_checkpoint"] == stages["train_irn"]["checkpoint"]
+    pseudo = json.loads(fs.read_text(f"{run_dir}/metrics/pseudo_label_eval.json"))
+    assert 0 <= pseudo["miou"] <= 1 and "person" in pseudo["per_class"]
+    seg = json.loads(fs.read_text(stages["eval_seg"]["results"]))
+    assert {"no_crf", "crf"} <= set(seg["val"]) and 0 <= seg["val"]["crf"]["miou"] <= 1
+    assert fs.exists(stages["eval_seg"]["archive"])
+    client = MlflowClient(cfg.tracking_uri())
+    parent = client.get_run(summary["mlflow_run_id"])
+    seg_run = client.search_runs([parent.info.experiment_id],
+                                 f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`sfc.stage` = 'eval_seg'")
+    assert any(key.endswith("miou") for key in seg_run[0].data.metrics)

@@ -10,7 +10,8 @@ from storage.cam_store import CamStore, CamStoreError
 from storage.datasets.split_files import load_split_file, save_split
 from storage.datasets.voc_layout import DataError
 from tasks.eval_cam import EvalCamConfig, eval_cam
-from tasks.infer_cams import InferCamConfig, infer_cams, parse_shard
+from tasks.infer_cams import InferCamConfig, infer_cams
+from tasks.shards import parse_shard
 from tests.interrupt import kill_on_call
 from tests.synthetic_splits import synthetic_split_files
 

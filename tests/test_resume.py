@@ -47,13 +47,29 @@ def test_changed_parameter_reruns_only_that_stage_and_later(resumable):
     cfg, overrides, first, _ = resumable
     before = {n: json.loads(fs.read_text(manifest_url(cfg.run_dir, n)))["cache_key"] for n in STAGE_NAMES}
     changed = load_config("configs/synthetic.yaml", [*overrides, "eval_cam.proto_weights=[0.5]"])
-    assert [s.state for s in run_status(changed)] == ["done", "done", "done", "stale"]
+    assert [s.state for s in run_status(changed)] == ["stale" if n == "eval_cam" else "done" for n in STAGE_NAMES]
     result = sfc_pipeline(changed.model_dump(mode="json"))
     after = {n: json.loads(fs.read_text(manifest_url(cfg.run_dir, n)))["cache_key"] for n in STAGE_NAMES}
     assert {n for n in STAGE_NAMES if before[n] != after[n]} == {"eval_cam"}
     assert "K+0.5P" in result["stages"]["eval_cam"]["summary"]
     assert result["stages"]["train_cam"] == first["stages"]["train_cam"]
     assert result["mlflow_run_id"] != first["mlflow_run_id"]  # another config is another MLflow run
+
+
+def test_changed_refinement_parameter_reruns_pseudo_labels_and_segmentation(resumable):
+    from flows.pipeline import sfc_pipeline
+
+    cfg, overrides, first, _ = resumable
+    before = {n: json.loads(fs.read_text(manifest_url(cfg.run_dir, n)))["cache_key"] for n in STAGE_NAMES}
+    changed = load_config("configs/synthetic.yaml", [*overrides, "pseudo_labels.beta=8"])
+    later = {"make_pseudo_labels", "eval_pseudo_labels", "train_seg", "eval_seg"}
+    assert {s.name for s in run_status(changed) if s.state == "stale"} == later
+    result = sfc_pipeline(changed.model_dump(mode="json"))  # the beta-10 labels and model are replaced, not mixed
+    after = {n: json.loads(fs.read_text(manifest_url(cfg.run_dir, n)))["cache_key"] for n in STAGE_NAMES}
+    assert {n for n in STAGE_NAMES if before[n] != after[n]} == later
+    assert result["stages"]["train_irn"] == first["stages"]["train_irn"]
+    settings = json.loads(fs.read_text(f"{cfg.run_dir}/pseudo_labels/_settings.json"))
+    assert settings["config"]["beta"] == 8
 
 
 def test_missing_outputs_of_a_cached_stage_are_redone(resumable):

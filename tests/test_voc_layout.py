@@ -125,5 +125,18 @@ def test_missing_image_is_named(voc, tmp_path):
 def test_val_split_without_masks_is_refused(voc, tmp_path):
     fs.remove(f"{voc}/SegmentationClassAug/v.png")
     _xml(voc, "v", ["bird"])
-    with pytest.raises(DataError, match="val split 'val' needs masks"):
+    with pytest.raises(DataError, match="val split .val. needs masks"):
         _prepare(voc, tmp_path)
+
+
+def test_seed_split_outside_the_training_split_is_refused(voc, tmp_path):
+    with pytest.raises(DataError, match=r"seed split 'val' must lie inside train split 'train_aug'.*'v'"):
+        _prepare(voc, tmp_path, seed_split="val")
+
+
+def test_optional_test_split_is_written_without_masks(voc, tmp_path):
+    _image(voc, "t")  # no annotation and no mask: the test images of VOC carry no labels
+    _list(voc, "test", ["t"])
+    manifest = _prepare(voc, tmp_path, test_split="test")
+    assert set(manifest["splits"]) == {"train", "val", "seed", "test"}
+    assert load_split_file(manifest["splits"]["test"]).ids == ["t"]

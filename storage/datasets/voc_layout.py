@@ -121,15 +121,18 @@ class VOCLayoutDataset:
                 return fs.join(self.root, folder, f"{image_id}.png")
         return None
 
-    def load_split(self, split: str, on_bad_data: str = "error") -> Split:
+    def load_split(self, split: str, on_bad_data: str = "error", labels_required: bool = True) -> Split:
         """Ids, labels and mask URLs of ``split``. With ``on_bad_data='skip'`` images that are missing or have no
-        label are dropped and counted in the log; with ``'error'`` the first one raises a :class:`DataError`."""
+        label are dropped and counted in the log; with ``'error'`` the first one raises a :class:`DataError`.
+        ``labels_required=False`` (a test split) keeps images without labels, with an all-zero label row."""
         ids = self.split_ids(split)
         labels = self._labels(split, ids)
         kept, rows, bad = [], [], []
         for image_id in ids:
             row = labels.get(image_id)
             problem = row if isinstance(row, str) else (None if row.any() else "image has no class label")
+            if problem is not None and not labels_required:
+                row, problem = np.zeros(len(self.class_names) - 1, dtype=np.float32), None
             if problem is None:
                 kept.append(image_id)
                 rows.append(row)
