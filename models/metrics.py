@@ -21,10 +21,7 @@ class ConfusionMatrix:
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 
     def update(self, target: torch.Tensor | np.ndarray, prediction: torch.Tensor | np.ndarray) -> None:
-        target = torch.as_tensor(np.asarray(target) if isinstance(target, np.ndarray) else target).flatten().long()
-        prediction = torch.as_tensor(
-            np.asarray(prediction) if isinstance(prediction, np.ndarray) else prediction
-        ).flatten().long()
+        target, prediction = _as_long(target), _as_long(prediction)
         if target.shape != prediction.shape:
             raise ValueError(f"target and prediction sizes differ: {target.numel()} vs {prediction.numel()}")
         k = self.num_classes
@@ -56,3 +53,10 @@ class ConfusionMatrix:
                 for i, name in enumerate(class_names)
             },
         }
+
+
+def _as_long(values: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A flat int64 tensor (numpy arrays, read-only ones included, are converted to int64 first: a copy)."""
+    if isinstance(values, np.ndarray):
+        return torch.from_numpy(values.astype(np.int64).ravel())
+    return torch.as_tensor(values).flatten().long()
