@@ -129,6 +129,29 @@ def infer_cams(config: str, shard: str | None, overrides: tuple[str, ...]) -> No
     click.echo(json.dumps(manifest, indent=2))
 
 
+@main.command()
+@click.argument("stage")
+@click.option("--config", "-c", default="configs/synthetic.yaml", show_default=True, help=CONFIG_HELP)
+@click.argument("overrides", nargs=-1)
+def train(stage: str, config: str, overrides: tuple[str, ...]) -> None:
+    """Run one training STAGE (train_cam, train_irn, train_seg) outside the flow, data-parallel on N GPUs with
+    torchrun --nproc_per_node N -m flows.cli train STAGE -c CONFIG [OVERRIDES]. The stages it needs must be done
+    in the run directory; rank 0 records the stage as done there, so the flow does not train it again."""
+    cfg = _load(config, overrides)
+    from flows.pipeline import train_stage
+    from storage.datasets.voc_layout import DataError
+    from tasks.distributed import Ranks, cleanup
+
+    try:
+        manifest = train_stage(cfg, stage)
+    except (DataError, FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    finally:
+        cleanup()
+    if Ranks.from_env().is_main:
+        click.echo(json.dumps(manifest, indent=2))
+
+
 @main.command("show-config")
 @click.option("--config", "-c", default="configs/synthetic.yaml", show_default=True, help=CONFIG_HELP)
 @click.argument("overrides", nargs=-1)
