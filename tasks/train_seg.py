@@ -181,7 +181,7 @@ def train_seg(cfg: TrainSegConfig, train_split_url: str, pseudo_label_dir: str, 
         start_step = restore_training_state(state, model, optimizer, scheduler, scaler)
         restore_rank_state(state, ranks)
         validations = state["validations"]
-    train_model = ranks.wrap(MultiScale(model, cfg.msc_scales), torch_device)
+    train_model = ranks.wrap(model, torch_device)
     tracker.log_params({"train_seg": cfg.model_dump(mode="json"), "seed": seed, "train_images": len(split.ids),
                         "pseudo_labels": pseudo_label_dir, "pseudo_label_digest": labels_digest})
 
@@ -206,7 +206,7 @@ def train_seg(cfg: TrainSegConfig, train_split_url: str, pseudo_label_dir: str, 
                 images = images.contiguous(memory_format=torch.channels_last)
             with sync_grads(train_model, index == cfg.iter_size - 1):
                 with torch.autocast(torch_device.type, enabled=use_amp):
-                    outputs = train_model(images)
+                    outputs = msc_outputs(train_model, images, cfg.msc_scales)
                 loss = msc_cross_entropy(outputs, labels) / cfg.iter_size
                 scaler.scale(loss).backward()
             step_loss += loss.detach()
@@ -257,18 +257,6 @@ def train_seg(cfg: TrainSegConfig, train_split_url: str, pseudo_label_dir: str, 
     fs.write_text(manifest_url, json.dumps(manifest, indent=2))
     tracker.log_dict(manifest, "train_seg/manifest.json")
     return ranks.broadcast(manifest)
-
-
-class MultiScale(torch.nn.Module):
-    """The segmenter's MSC training outputs as one forward (DDP syncs gradients per forward call)."""
-
-    def __init__(self, model: DeepLab, scales: tuple[float, ...]):
-        super().__init__()
-        self.model = model
-        self.scales = scales
-
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return msc_outputs(self.model, images, self.scales)
 
 
 def _validate(model: torch.nn.Module, split: Split, cfg: TrainSegConfig, device: torch.device, tracker: Tracker,

@@ -53,7 +53,7 @@ def data(tmp_path_factory) -> dict[str, str]:
         mask = read_mask(split.mask_url(image_id))
         write_mask(str(root / "labels" / f"{image_id}.png"), mask)
         write_mask(ir_label_url(str(root / "ir_labels"), image_id), ir_label_from_mask(mask))
-    return {**urls, "labels": str(root / "labels"), "ir_labels": str(root / "ir_labels"), "root": str(root)}
+    return {**urls, "labels": str(root / "labels"), "ir_labels": str(root / "ir_labels")}
 
 
 def _free_port() -> int:
@@ -125,17 +125,17 @@ def _weights(url: str) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def ddp_runs(data, tmp_path_factory) -> dict:
-    """One 2-process launch running every job: baseline CAM for 2 steps, SFC CAM with the image bank for 4 steps
-    (checkpoint at step 2), the same resumed from that checkpoint, IRN and segmentation for 2 steps."""
+    """One 2-process launch running every job: SFC CAM with the image bank for 3 steps (checkpoint at step 2), the
+    same resumed from that checkpoint, IRN and segmentation for 2 steps, and ``sfc train train_cam`` (baseline
+    method, 2 steps) in a run directory whose prepare_data stage is recorded as done."""
     tmp = tmp_path_factory.mktemp("ddp_runs")
     out = {name: str(tmp / name) for name in ("runs", "full", "resumed", "irn", "seg")}
     splits = {"train": data["train_aug"], "val": data["val"]}
     record_stage(f"{out['runs']}/ddp", "prepare_data", "prepare_data-test", {"splits": splits})
     jobs = [
-        {"kind": "cam", "out": out["full"],
-         "cfg": {**CAM, "max_steps": 4, "checkpoint_every": 2}},
+        {"kind": "cam", "out": out["full"], "cfg": {**CAM, "max_steps": 3, "checkpoint_every": 2}},
         {"kind": "cam", "out": out["resumed"], "resume_from": (f"{out['full']}/checkpoints", 2),
-         "cfg": {**CAM, "max_steps": 4, "checkpoint_every": 2}},
+         "cfg": {**CAM, "max_steps": 3, "checkpoint_every": 2}},
         {"kind": "irn", "out": out["irn"], "cfg": IRN},
         {"kind": "seg", "out": out["seg"], "cfg": SEG},
         {"kind": "cli", "out": out["runs"]},  # last: the command destroys the process group
@@ -151,6 +151,7 @@ def test_both_ranks_ran_and_only_rank_0_wrote(ddp_runs):
     for out_dir in (ddp_runs["out"]["full"], ddp_runs["out"]["resumed"], f"{ddp_runs['out']['runs']}/ddp/train_cam"):
         assert f"{out_dir}/train_cam.json" in written
     assert checkpoints.step_url(f"{ddp_runs['out']['full']}/checkpoints", 2) in written
+    assert f"{ddp_runs['out']['full']}/final.pt" in written
 
 
 def test_train_command_records_the_stage_for_the_flow(ddp_runs):
