@@ -202,3 +202,12 @@ def test_single_process_outside_torchrun():
     assert ranks == Ranks() and device == torch.device("cpu") and not torch.distributed.is_initialized()
     assert ranks.shard([1, 2, 3]) == [1, 2, 3] and ranks.rank_seed(5) == 5
     assert Ranks(1, 2).shard([0, 1, 2, 3]) == [2, 3] and Ranks(1, 2).rank_seed(5) == 6
+
+
+def test_more_ranks_than_gpus_is_named(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RuntimeError, match="LOCAL_RANK=1 needs CUDA device 1, but this node has 1 CUDA device"):
+        distributed.setup(torch.device("cuda"))
