@@ -115,18 +115,40 @@ def infer_cams(config: str, shard: str | None, overrides: tuple[str, ...]) -> No
     """Run CAM inference of a trained run outside the flow, e.g. one shard per GPU:
     CUDA_VISIBLE_DEVICES=k sfc infer-cams -c CONFIG --shard k/N. The run's data and training stages must be done."""
     cfg = _load(config, overrides)
-    from flows.pipeline import load_manifest
-    from flows.stages import cam_store_url
-    from tasks.infer_cams import infer_cams as run_inference
+    from flows.pipeline import stage_inputs
+    from flows.stages import STAGE_BY_NAME
+    from storage.tracking import Tracker
 
+    stage = STAGE_BY_NAME["infer_cams"]
     try:
-        splits = load_manifest(cfg.run_dir, "prepare_data")["splits"]
-        checkpoint = load_manifest(cfg.run_dir, "train_cam")["checkpoint"]
-        manifest = run_inference(cfg.infer_cams, checkpoint, [splits["train"], splits["val"]], cam_store_url(cfg),
-                                 cfg.run.device, shard)
+        arguments = stage.arguments(cfg, stage_inputs(cfg, stage), Tracker.null())
+        manifest = stage.task.fn(**arguments, shard=shard)
     except (FileNotFoundError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(json.dumps(manifest, indent=2))
+
+
+@main.command()
+@click.argument("stage")
+@click.option("--config", "-c", default="configs/synthetic.yaml", show_default=True, help=CONFIG_HELP)
+@click.argument("overrides", nargs=-1)
+def train(stage: str, config: str, overrides: tuple[str, ...]) -> None:
+    """Run one training STAGE (train_cam, train_irn, train_seg) outside the flow, data-parallel on N GPUs with
+    torchrun --nproc_per_node N -m flows.cli train STAGE -c CONFIG [OVERRIDES]. The stages it needs must be done
+    in the run directory; rank 0 records the stage as done there, so the flow does not train it again."""
+    cfg = _load(config, overrides)
+    from flows.pipeline import train_stage
+    from storage.datasets.voc_layout import DataError
+    from tasks.distributed import Ranks, cleanup
+
+    try:
+        manifest = train_stage(cfg, stage)
+    except (DataError, FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    finally:
+        cleanup()
+    if Ranks.from_env().is_main:
+        click.echo(json.dumps(manifest, indent=2))
 
 
 @main.command("show-config")

@@ -22,14 +22,16 @@ from pydantic import BaseModel
 from prefect.runtime import flow_run
 
 from flows.config import PipelineConfig, load_config
-from flows.stages import STAGES, Stage, manifest_url, missing_outputs, select_stages
+from flows.stages import STAGE_BY_NAME, STAGES, Stage, manifest_url, missing_outputs, select_stages
 from storage import fs
 from storage.tracking import Tracker, open_tracker
+from tasks.distributed import Ranks
 from tasks.shards import all_shards
 
 log = logging.getLogger(__name__)
 
 TRANSIENT_ERRORS = (TimeoutError, ConnectionError, InterruptedError, BlockingIOError)
+DATA_PARALLEL_STAGES = ("train_cam", "train_irn", "train_seg")  # stage functions that train under torchrun
 
 
 def git_commit() -> str:
@@ -77,6 +79,12 @@ def load_manifest(run_dir: str, stage: str) -> dict:
         raise FileNotFoundError(f"stage {stage!r} has not finished in {run_dir} ({url} is missing): "
                                 f"run it first or include it in the selected stages")
     return json.loads(fs.read_text(url))["manifest"]
+
+
+def stage_inputs(cfg: PipelineConfig, stage: Stage) -> dict[str, dict | None]:
+    """The manifests of the stages ``stage`` reads, from the run directory (None for a disabled stage)."""
+    return {need: load_manifest(cfg.run_dir, need) if STAGE_BY_NAME[need].enabled(cfg) else None
+            for need in stage.needs}
 
 
 def clear_superseded(stage: Stage, cfg: PipelineConfig, key: str) -> None:
@@ -160,8 +168,55 @@ def run_stage(stage: Stage, cfg: PipelineConfig, manifests: dict[str, dict], tra
     if cached and fs.exists(record_url):
         log.info("stage %s: finished before, taken from the cache", stage.name)
     else:
-        record = {"stage": stage.name, "cache_key": key, "finished": time.time(), "manifest": manifest}
-        fs.write_text(record_url, json.dumps(record, indent=2, default=str))
+        record_stage(cfg.run_dir, stage.name, key, manifest)
+    return manifest
+
+
+def record_stage(run_dir: str, name: str, key: str, manifest: dict) -> None:
+    """Write ``manifests/<stage>.json``: the stage finished with this cache key and manifest."""
+    record = {"stage": name, "cache_key": key, "finished": time.time(), "manifest": manifest}
+    fs.write_text(manifest_url(run_dir, name), json.dumps(record, indent=2, default=str))
+
+
+def open_run(cfg: PipelineConfig, **tags: str) -> Tracker:
+    """Create the run directory with its config.yaml and start (or re-enter) the run's MLflow parent run."""
+    fs.makedirs(cfg.run_dir)
+    fs.write_text(fs.join(cfg.run_dir, "config.yaml"), cfg.to_yaml())
+    tracker = open_tracker(cfg.tracking_uri(), cfg.tracking.experiment, cfg.artifact_root(), cfg.run.name,
+                           {"git_commit": git_commit(), **tags},
+                           resume_on={"run_dir": cfg.run_dir, "config_hash": cfg.digest()})
+    if not tracker.resumed:
+        tracker.log_params(cfg.model_dump(mode="json"))
+        tracker.log_text(cfg.to_yaml(), "config.yaml")
+    return tracker
+
+
+def train_stage(cfg: PipelineConfig, name: str) -> dict:
+    """Run one training stage's function in this process, outside Prefect: alone, or as one rank of a torchrun
+    launch. Its inputs come from the run directory's finished stages; rank 0 tracks it in the run's MLflow run
+    and records it as finished with the flow's cache key, so a resumed pipeline does not redo it."""
+    (stage,) = select_stages([name])
+    if name not in DATA_PARALLEL_STAGES:
+        raise ValueError(f"{name} is not a training stage; training stages: {', '.join(DATA_PARALLEL_STAGES)}")
+    if not stage.enabled(cfg):
+        raise ValueError(f"{name} is not part of this configuration (pseudo_labels.method="
+                         f"{cfg.pseudo_labels.method})")
+    manifests = stage_inputs(cfg, stage)
+    ranks = Ranks.from_env()
+    if not ranks.is_main:
+        manifest = stage.task.fn(**stage.arguments(cfg, manifests, Tracker.null()))
+        ranks.barrier()  # until rank 0 has recorded the stage
+        return manifest
+    tracker = open_run(cfg)
+    try:
+        with stage_run(tracker, name) as child:
+            manifest = stage.task.fn(**stage.arguments(cfg, manifests, child))
+        record_stage(cfg.run_dir, name, stage.cache_key(cfg, manifests), manifest)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    ranks.barrier()
     return manifest
 
 
@@ -193,14 +248,7 @@ def sfc_pipeline(config: dict, stages: list[str] | None = None, start: str | Non
         raise ValueError(f"stage(s) {', '.join(disabled)} are not part of this configuration "
                          f"(pseudo_labels.method={cfg.pseudo_labels.method})")
     run_dir = cfg.run_dir
-    fs.makedirs(run_dir)
-    fs.write_text(fs.join(run_dir, "config.yaml"), cfg.to_yaml())
-    tracker = open_tracker(cfg.tracking_uri(), cfg.tracking.experiment, cfg.artifact_root(), cfg.run.name,
-                           {"git_commit": git_commit(), "prefect_flow_run_id": str(flow_run.get_id())},
-                           resume_on={"run_dir": run_dir, "config_hash": cfg.digest()})
-    if not tracker.resumed:
-        tracker.log_params(cfg.model_dump(mode="json"))
-        tracker.log_text(cfg.to_yaml(), "config.yaml")
+    tracker = open_run(cfg, prefect_flow_run_id=str(flow_run.get_id()))
     manifests: dict[str, dict | None] = {}
     try:
         for stage in STAGES:

@@ -126,6 +126,7 @@ STAGES: tuple[Stage, ...] = (
                              "device": cfg.run.device, "tracker": t, "test_split_url": _splits(m).get("test")}),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
+STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
 
 
 def cam_store_url(cfg: PipelineConfig) -> str:

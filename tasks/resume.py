@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from storage import checkpoints, fs
+from tasks.distributed import Ranks
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +28,47 @@ def finished_manifest(manifest_url: str, cfg_hash: str) -> dict | None:
 def training_state(step: int, cfg_hash: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                    scheduler, scaler: torch.amp.GradScaler, **extra) -> dict:
     """The resume checkpoint after ``step`` optimiser steps; ``extra`` entries are stored as they are."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "step": step, "rng": rng_states(), "config_hash": cfg_hash, **extra}
+
+
+def rng_states() -> dict:
+    """The global torch (and CUDA) and numpy RNG states."""
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "step": step, "rng": rng, "config_hash": cfg_hash, **extra}
+    return rng
+
+
+def set_rng_states(rng: dict) -> None:
+    """Restore what :func:`rng_states` returned."""
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def rank_states(ranks: Ranks, **local) -> dict:
+    """Checkpoint entries of a distributed run: the world size and, per rank, its RNG states and ``local``
+    entries (a collective call: every rank makes it). Nothing for a single process."""
+    if not ranks.active:
+        return {}
+    return {"world_size": ranks.world_size, "ranks": ranks.gather({"rng": rng_states(), **local})}
+
+
+def restore_rank_state(state: dict, ranks: Ranks) -> dict:
+    """This rank's part of a step checkpoint, its RNG states restored: the whole checkpoint for a single process,
+    else the rank's entry of :func:`rank_states`. A checkpoint of another number of processes is an error."""
+    saved = state.get("world_size", 1)
+    if saved != ranks.world_size:
+        raise ValueError(f"the step checkpoint at step {state['step']} was written by {saved} training "
+                         f"process(es), this run has {ranks.world_size}: resume with {saved}, or remove the "
+                         "checkpoints to start over")
+    if not ranks.active:
+        return state
+    local = state["ranks"][ranks.rank]
+    set_rng_states(local["rng"])
+    return local
 
 
 def save_training_state(ckpt_dir: str, state: dict, keep: int) -> None:
@@ -61,8 +98,5 @@ def restore_training_state(state: dict, model: torch.nn.Module, optimizer: torch
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    if "cuda" in state["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    set_rng_states(state["rng"])
     return int(state["step"])

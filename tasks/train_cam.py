@@ -29,8 +29,10 @@ from storage.datasets.split_files import load_split_file
 from storage.datasets.voc_layout import Split
 from storage.reports import class_metrics, format_table
 from storage.tracking import Tracker
-from tasks.resume import (finished_manifest, latest_training_state, restore_training_state, save_training_state,
-                          training_state)
+from tasks import distributed
+from tasks.distributed import RankBatches
+from tasks.resume import (finished_manifest, latest_training_state, rank_states, restore_rank_state,
+                          restore_training_state, save_training_state, training_state)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,7 @@ class TrainCamConfig(BaseModel):
         "frozen", description="frozen: BN with running statistics (reference); batch: trainable BN (random init)")
     crop: int = Field(512, ge=32, le=2048)
     resize_long: tuple[int, int] = (320, 640)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="images per process and step (global batch: x processes)")
     epochs: int = Field(6, ge=1)
     max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
     lr: float = Field(0.1, gt=0)
@@ -170,7 +172,9 @@ def train_cam(
 
     Periodic checkpoints hold model, optimiser, scheduler, step, RNG states and the image bank, so a killed run
     resumes from the last one and ends with the same weights. A finished stage (manifest with the same config
-    hash) is returned without training.
+    hash) is returned without training. Under torchrun the ranks split each global batch of
+    ``batch_size x processes`` images and keep their own image bank; rank 0 alone validates and writes the
+    checkpoints, outputs and MLflow records (see tasks/distributed.py).
     """
     tracker = tracker or Tracker.null()
     split = load_split_file(train_split_url)
@@ -180,7 +184,9 @@ def train_cam(
         log.info("CAM training already finished: %s", finished["checkpoint"])
         return finished
 
-    torch_device = resolve_device(device)
+    ranks, torch_device = distributed.setup(resolve_device(device))
+    if not ranks.is_main:
+        tracker = Tracker.null()
     use_amp = cfg.amp and torch_device.type == "cuda"
     if cfg.amp and not use_amp:
         log.warning("amp requested but the device is %s; training in fp32", torch_device)
@@ -189,19 +195,24 @@ def train_cam(
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
+    ranks.seed_rank_rngs(seed)
 
-    steps_per_epoch = len(split.ids) // cfg.batch_size
+    global_batch = cfg.batch_size * ranks.world_size
+    steps_per_epoch = len(split.ids) // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{train_split_url}: {len(split.ids)} images, fewer than batch_size={cfg.batch_size}")
+        raise ValueError(f"{train_split_url}: {len(split.ids)} images, fewer than batch_size={cfg.batch_size} x "
+                         f"{ranks.world_size} process(es)")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    class_weights = distribution_weights(
-        cfg.class_weights, split.class_names[1:], split.class_counts(), steps_per_epoch, cfg.ibr.n_resample)
+    class_weights = distribution_weights(  # every rank's bank re-samples n_resample images per step
+        cfg.class_weights, split.class_names[1:], split.class_counts(), steps_per_epoch * ranks.world_size,
+        cfg.ibr.n_resample)
     weights_t = torch.from_numpy(class_weights).to(torch_device)
     optimizer, scheduler = poly_sgd(model.parameter_groups(), cfg.lr, cfg.new_layer_lr_mult, cfg.weight_decay,
                                     cfg.momentum, total_steps, cfg.poly_power)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     sfc = cfg.method == "sfc"
-    bank = ImageBank(split.num_classes, cfg.crop, cfg.ibr.n_resample, cfg.ibr.skip_empty_slots, seed) \
+    bank = ImageBank(split.num_classes, cfg.crop, cfg.ibr.n_resample, cfg.ibr.skip_empty_slots,
+                     ranks.rank_seed(seed)) \
         if sfc and cfg.ibr.enabled else None
     loss_weights = LossWeights(cfg.loss_proto_weight, cfg.loss_scale_weight) if sfc else LossWeights(0.0, 0.0)
 
@@ -209,14 +220,16 @@ def train_cam(
     start_step = 0
     if (state := latest_training_state(ckpt_dir, cfg_hash)) is not None:
         start_step = restore_training_state(state, model, optimizer, scheduler, scaler)
+        own = restore_rank_state(state, ranks)
         if bank is not None:
-            bank.load_state_dict(state["image_bank"])
+            bank.load_state_dict(own["image_bank"])
+    train_model = ranks.wrap(model, torch_device)
 
     tracker.log_params({"train_cam": cfg.model_dump(), "seed": seed, "total_steps": total_steps,
                         "train_images": len(split.ids)})
     tracker.log_metrics({f"class_weight/{n}": float(w) for n, w in zip(split.class_names[1:], class_weights)})
 
-    sampler = EpochBatchSampler(len(split.ids), cfg.batch_size, seed, total_steps, start_step)
+    sampler = RankBatches(EpochBatchSampler(len(split.ids), global_batch, seed, total_steps, start_step), ranks)
     loader = DataLoader(CAMTrainingSet(split, cfg.crop, cfg.resize_long), batch_sampler=sampler,
                         num_workers=cfg.num_workers, pin_memory=torch_device.type == "cuda",
                         persistent_workers=False)
@@ -227,7 +240,8 @@ def train_cam(
     best_score, best_url = -1.0, fs.join(out_dir, BEST)
     started, images_seen = time.perf_counter(), 0
     history: list[dict[str, float]] = []
-    progress = tqdm(total=total_steps, initial=start_step, desc="train_cam", unit="step", dynamic_ncols=True)
+    progress = tqdm(total=total_steps, initial=start_step, desc="train_cam", unit="step", dynamic_ncols=True,
+                    disable=not ranks.is_main)
     for step, batch in zip(range(start_step, total_steps), loader):
         images, valid, labels = batch["image"], batch["valid"], batch["label"]
         if bank is not None:
@@ -236,7 +250,7 @@ def train_cam(
         if cfg.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(torch_device.type, enabled=use_amp):
-            losses = sfc_step_losses(model, images, valid, labels, weights_t, loss_weights)
+            losses = sfc_step_losses(train_model, images, valid, labels, weights_t, loss_weights)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses.total).backward()
         scaler.unscale_(optimizer)
@@ -245,7 +259,7 @@ def train_cam(
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        images_seen += images.shape[0]
+        images_seen += images.shape[0] * ranks.world_size
         values = losses.as_floats()
         history.append(values)
         progress.update(1)
@@ -254,13 +268,20 @@ def train_cam(
         if done % cfg.log_every == 0 or done == total_steps:
             tracker.log_metrics({**values, "lr_backbone": lrs[0], "lr_new_layers": lrs[1]}, step=done)
         if done % cfg.checkpoint_every == 0 and done < total_steps:
-            save_training_state(ckpt_dir, training_state(
-                done, cfg_hash, model, optimizer, scheduler, scaler,
-                image_bank=bank.state_dict() if bank is not None else None), cfg.keep_checkpoints)
-        if val_split is not None and cfg.validate_every and done % cfg.validate_every == 0 and done < total_steps:
+            bank_state = bank.state_dict() if bank is not None else None
+            per_rank = rank_states(ranks, image_bank=bank_state)
+            if ranks.is_main:
+                save_training_state(ckpt_dir, training_state(
+                    done, cfg_hash, model, optimizer, scheduler, scaler, image_bank=bank_state, **per_rank),
+                    cfg.keep_checkpoints)
+            ranks.barrier()
+        if ranks.is_main and val_split is not None and cfg.validate_every and done % cfg.validate_every == 0 \
+                and done < total_steps:
             best_score = _validate(model, val_split, torch_device, cfg, tracker, done, best_score, best_url, meta)
     progress.close()
     seconds = time.perf_counter() - started
+    if not ranks.is_main:
+        return ranks.broadcast(None)  # rank 0's manifest, once it has written the outputs
 
     final_url = fs.join(out_dir, FINAL)
     _save_model(final_url, model, meta, total_steps)
@@ -279,7 +300,7 @@ def train_cam(
     tracker.set_tags({"final_checkpoint": final_url, "selected_checkpoint": manifest["checkpoint"]})
     fs.write_text(manifest_url, json.dumps(manifest, indent=2))
     tracker.log_dict(manifest, "train_cam/manifest.json")
-    return manifest
+    return ranks.broadcast(manifest)
 
 
 def _mean_losses(values: list[dict[str, float]]) -> dict[str, float] | None:

@@ -28,6 +28,9 @@ from storage.datasets.irn import IRNTrainingSet, TopLeftCropSet, ir_label_digest
 from storage.datasets.split_files import load_split_file
 from storage.datasets.voc_layout import Split
 from storage.tracking import Tracker
+from tasks import distributed
+from tasks.distributed import RankBatches
+from tasks.resume import rank_states, restore_rank_state
 from tasks.train_cam import config_hash, resolve_device
 
 log = logging.getLogger(__name__)
@@ -54,7 +57,7 @@ class TrainIrnConfig(BaseModel):
     scale_range: tuple[float, float] = Field(
         (0.5, 1.0), description="random rescale range; the reference's effective [0.5, 1.0] (IRN/SIPE: [0.5, 1.5])")
     radius: int = Field(10, ge=2, description="pairs within this radius at stride 4")
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1, description="images per process and step (global batch: x processes)")
     epochs: int = Field(3, ge=1)
     max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
     lr: float = Field(0.1, gt=0, description="edge branch learning rate")
@@ -175,7 +178,9 @@ def train_irn(
 
     Step checkpoints hold model, optimiser, scheduler, step and RNG states, so a killed run resumes from the last
     one and ends with the same weights. A finished stage (manifest with the same config hash, which covers the
-    config, seed, image ids and IR label contents) is returned without training.
+    config, seed, image ids and IR label contents) is returned without training. Under torchrun the ranks split
+    each global batch; rank 0 alone computes the mean displacement and writes checkpoints, outputs and MLflow
+    records (see tasks/distributed.py).
     """
     tracker = tracker or Tracker.null()
     split = load_split_file(split_file)
@@ -188,12 +193,17 @@ def train_irn(
             log.info("IRN training already finished: %s", manifest["checkpoint"])
             return manifest
 
-    torch_device = resolve_device(device)
+    ranks, torch_device = distributed.setup(resolve_device(device))
+    if not ranks.is_main:
+        tracker = Tracker.null()
     torch.manual_seed(seed)
     model = build_model(cfg).to(torch_device).train()
-    steps_per_epoch = len(split.ids) // cfg.batch_size
+    ranks.seed_rank_rngs(seed)
+    global_batch = cfg.batch_size * ranks.world_size
+    steps_per_epoch = len(split.ids) // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{split_file}: {len(split.ids)} images, fewer than batch_size={cfg.batch_size}")
+        raise ValueError(f"{split_file}: {len(split.ids)} images, fewer than batch_size={cfg.batch_size} x "
+                         f"{ranks.world_size} process(es)")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     optimizer, scheduler = poly_sgd(model.parameter_groups(), cfg.lr, cfg.displacement_lr_mult, cfg.weight_decay,
                                     cfg.momentum, total_steps, cfg.poly_power)
@@ -209,28 +219,31 @@ def train_irn(
             raise ValueError(f"{existing[-1][1]} was written with another config; remove {ckpt_dir} or use a new "
                              "run name")
         start_step = _apply_resume_state(state, model, optimizer, scheduler)
+        restore_rank_state(state, ranks)
         log.info("resuming IRN training from step %d (%s)", start_step, existing[-1][1])
+    train_model = ranks.wrap(model, torch_device)
 
     tracker.log_params({"train_irn": cfg.model_dump(), "seed": seed, "total_steps": total_steps,
                         "train_images": len(split.ids), "ir_label_dir": ir_label_dir,
                         "ir_label_digest": label_digest, "pair_directions": paths.num_directions})
-    sampler = EpochBatchSampler(len(split.ids), cfg.batch_size, seed, total_steps, start_step)
+    sampler = RankBatches(EpochBatchSampler(len(split.ids), global_batch, seed, total_steps, start_step), ranks)
     loader = DataLoader(IRNTrainingSet(split, ir_label_dir, cfg.crop, cfg.scale_range), batch_sampler=sampler,
                         num_workers=cfg.num_workers, pin_memory=torch_device.type == "cuda")
     started, images_seen = time.perf_counter(), 0
     history: list[dict[str, float]] = []
-    progress = tqdm(total=total_steps, initial=start_step, desc="train_irn", unit="step", dynamic_ncols=True)
+    progress = tqdm(total=total_steps, initial=start_step, desc="train_irn", unit="step", dynamic_ncols=True,
+                    disable=not ranks.is_main)
     for step, batch in zip(range(start_step, total_steps), loader):
         images = batch["image"].to(torch_device, non_blocking=True)
         labels = batch["label"].to(torch_device, non_blocking=True)
-        edge, displacement = model(images)
+        edge, displacement = train_model(images)
         losses = irn_losses(edge, displacement, labels, paths, num_labels)
         optimizer.zero_grad(set_to_none=True)
         losses.total.backward()
         lrs = [group["lr"] for group in optimizer.param_groups]
         optimizer.step()
         scheduler.step()
-        images_seen += images.shape[0]
+        images_seen += images.shape[0] * ranks.world_size
         values = losses.as_floats()
         history.append(values)
         progress.update(1)
@@ -239,11 +252,16 @@ def train_irn(
         if done % cfg.log_every == 0 or done == total_steps:
             tracker.log_metrics({**values, "lr_edge": lrs[0], "lr_displacement": lrs[1]}, step=done)
         if done % cfg.checkpoint_every == 0 or done == total_steps:
-            checkpoints.save(checkpoints.step_url(ckpt_dir, done),
-                             _resume_state(model, optimizer, scheduler, done, cfg_hash))
-            checkpoints.prune(ckpt_dir, cfg.keep_checkpoints)
+            per_rank = rank_states(ranks)
+            if ranks.is_main:
+                checkpoints.save(checkpoints.step_url(ckpt_dir, done),
+                                 {**_resume_state(model, optimizer, scheduler, done, cfg_hash), **per_rank})
+                checkpoints.prune(ckpt_dir, cfg.keep_checkpoints)
+            ranks.barrier()
     progress.close()
     seconds = time.perf_counter() - started
+    if not ranks.is_main:
+        return ranks.broadcast(None)  # rank 0's manifest, once it has written the outputs
 
     shift = mean_displacement(model, split, cfg, torch_device)
     model.mean_shift.running_mean.copy_(shift.to(torch_device))
@@ -262,7 +280,7 @@ def train_irn(
     tracker.set_tags({"irn_checkpoint": final_url})
     fs.write_text(manifest_url, json.dumps(manifest, indent=2))
     tracker.log_dict(manifest, "train_irn/manifest.json")
-    return manifest
+    return ranks.broadcast(manifest)
 
 
 def _mean_losses(values: list[dict[str, float]]) -> dict[str, float] | None:

@@ -26,9 +26,11 @@ from storage.datasets.split_files import load_split_file
 from storage.datasets.voc_layout import DataError, Split
 from storage.reports import class_metrics, format_table
 from storage.tracking import Tracker
+from tasks import distributed
+from tasks.distributed import RankBatches, sync_grads
 from tasks.eval_seg import EvalSegConfig, predict_probs, read_target
-from tasks.resume import (finished_manifest, latest_training_state, restore_training_state, save_training_state,
-                          training_state)
+from tasks.resume import (finished_manifest, latest_training_state, rank_states, restore_rank_state,
+                          restore_training_state, save_training_state, training_state)
 from tasks.train_cam import config_hash, resolve_device
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ class TrainSegConfig(BaseModel):
         MSC_SCALES, description="MSC training: extra input scales whose logits (and their max) are also supervised")
     crop: int = Field(321, ge=16)
     scale_range: tuple[float, float] = (0.5, 1.5)
-    batch_size: int = Field(5, ge=1, description="images per forward")
+    batch_size: int = Field(5, ge=1, description="images per forward and process (global batch: x processes)")
     iter_size: int = Field(2, ge=1, description="forwards accumulated per optimiser step")
     max_steps: int = Field(20000, ge=1, description="optimiser steps")
     lr: float = Field(2.5e-4, gt=0)
@@ -136,7 +138,9 @@ def train_seg(cfg: TrainSegConfig, train_split_url: str, pseudo_label_dir: str, 
 
     Step checkpoints hold model, optimiser, scheduler, grad scaler, step, sampler position and RNG states, so a
     killed run resumes from the last one to the same weights. A finished stage (manifest with the same config hash,
-    which covers the seed, the image list and the decoded pseudo labels) is returned without training.
+    which covers the seed, the image list and the decoded pseudo labels) is returned without training. Under
+    torchrun the ranks split each global batch; rank 0 alone validates and writes checkpoints, outputs and MLflow
+    records (see tasks/distributed.py).
     """
     tracker = tracker or Tracker.null()
     split = load_split_file(train_split_url)
@@ -155,7 +159,9 @@ def train_seg(cfg: TrainSegConfig, train_split_url: str, pseudo_label_dir: str, 
         log.info("segmentation training already finished: %s", finished["checkpoint"])
         return finished
 
-    torch_device = resolve_device(device)
+    ranks, torch_device = distributed.setup(resolve_device(device))
+    if not ranks.is_main:
+        tracker = Tracker.null()
     use_amp = cfg.amp and torch_device.type == "cuda"
     if cfg.amp and not use_amp:
         log.warning("amp requested but the device is %s; training in fp32", torch_device)
@@ -164,6 +170,7 @@ def train_seg(cfg: TrainSegConfig, train_split_url: str, pseudo_label_dir: str, 
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
+    ranks.seed_rank_rngs(seed)
     optimizer = segmentation_sgd(model, cfg)
     scheduler = poly_schedule(optimizer, cfg.max_steps, cfg.poly_power)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -172,34 +179,38 @@ def train_seg(cfg: TrainSegConfig, train_split_url: str, pseudo_label_dir: str, 
     start_step, validations = 0, []
     if (state := latest_training_state(ckpt_dir, cfg_hash)) is not None:
         start_step = restore_training_state(state, model, optimizer, scheduler, scaler)
+        restore_rank_state(state, ranks)
         validations = state["validations"]
+    train_model = ranks.wrap(model, torch_device)
     tracker.log_params({"train_seg": cfg.model_dump(mode="json"), "seed": seed, "train_images": len(split.ids),
                         "pseudo_labels": pseudo_label_dir, "pseudo_label_digest": labels_digest})
 
-    sampler = EpochBatchSampler(len(split.ids), cfg.batch_size, seed, cfg.max_steps * cfg.iter_size,
-                                start_step * cfg.iter_size)
+    sampler = RankBatches(EpochBatchSampler(len(split.ids), cfg.batch_size * ranks.world_size, seed,
+                                            cfg.max_steps * cfg.iter_size, start_step * cfg.iter_size), ranks)
     loader = DataLoader(SegTrainingSet(split, label_urls, cfg.crop, cfg.scale_range), batch_sampler=sampler,
                         num_workers=cfg.num_workers, pin_memory=torch_device.type == "cuda",
                         generator=torch.Generator())  # own generator: the global RNG (dropout) stays resumable
     batches = iter(loader)
     losses: list[float] = []
     started, images_seen = time.perf_counter(), 0
-    progress = tqdm(total=cfg.max_steps, initial=start_step, desc="train_seg", unit="step", dynamic_ncols=True)
+    progress = tqdm(total=cfg.max_steps, initial=start_step, desc="train_seg", unit="step", dynamic_ncols=True,
+                    disable=not ranks.is_main)
     for step in range(start_step, cfg.max_steps):
         optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=torch_device)
-        for _ in range(cfg.iter_size):
+        for index in range(cfg.iter_size):
             batch = next(batches)
             images = batch["image"].to(torch_device, non_blocking=True)
             labels = batch["label"].to(torch_device, non_blocking=True)
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(torch_device.type, enabled=use_amp):
-                outputs = msc_outputs(model, images, cfg.msc_scales)
-            loss = msc_cross_entropy(outputs, labels) / cfg.iter_size
-            scaler.scale(loss).backward()
+            with sync_grads(train_model, index == cfg.iter_size - 1):
+                with torch.autocast(torch_device.type, enabled=use_amp):
+                    outputs = msc_outputs(train_model, images, cfg.msc_scales)
+                loss = msc_cross_entropy(outputs, labels) / cfg.iter_size
+                scaler.scale(loss).backward()
             step_loss += loss.detach()
-            images_seen += images.shape[0]
+            images_seen += images.shape[0] * ranks.world_size
         lrs = [group["lr"] for group in optimizer.param_groups]
         scaler.step(optimizer)
         scaler.update()
@@ -211,16 +222,22 @@ def train_seg(cfg: TrainSegConfig, train_split_url: str, pseudo_label_dir: str, 
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             tracker.log_metrics({"loss": loss_value, "lr_backbone": lrs[0], "lr_head": lrs[1]}, step=done)
-        if val_split is not None and ((cfg.val_every and done % cfg.val_every == 0) or done == cfg.max_steps):
+        if ranks.is_main and val_split is not None and (
+                (cfg.val_every and done % cfg.val_every == 0) or done == cfg.max_steps):
             validations.append(_validate(model, val_split, cfg, torch_device, tracker, done))
         if done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
-            save_training_state(ckpt_dir, training_state(
-                done, cfg_hash, model, optimizer, scheduler, scaler,
-                sampler={"seed": seed, "batch_size": cfg.batch_size, "position": done * cfg.iter_size},
-                validations=validations),
-                cfg.keep_checkpoints)
+            per_rank = rank_states(ranks)
+            if ranks.is_main:
+                save_training_state(ckpt_dir, training_state(
+                    done, cfg_hash, model, optimizer, scheduler, scaler,
+                    sampler={"seed": seed, "batch_size": cfg.batch_size, "position": done * cfg.iter_size},
+                    validations=validations, **per_rank),
+                    cfg.keep_checkpoints)
+            ranks.barrier()
     progress.close()
     seconds = time.perf_counter() - started
+    if not ranks.is_main:
+        return ranks.broadcast(None)  # rank 0's manifest, once it has written the outputs
 
     final_url = fs.join(out_dir, FINAL)
     meta = {"kind": "segmenter", "arch": cfg.arch, "backbone": cfg.backbone, "norm": cfg.norm,
@@ -239,7 +256,7 @@ def train_seg(cfg: TrainSegConfig, train_split_url: str, pseudo_label_dir: str, 
     tracker.set_tags({"seg_checkpoint": final_url})
     fs.write_text(manifest_url, json.dumps(manifest, indent=2))
     tracker.log_dict(manifest, "train_seg/manifest.json")
-    return manifest
+    return ranks.broadcast(manifest)
 
 
 def _validate(model: torch.nn.Module, split: Split, cfg: TrainSegConfig, device: torch.device, tracker: Tracker,
