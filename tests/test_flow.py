@@ -126,7 +126,7 @@ def test_flow_runs_refinement_and_segmentation(finished_run):
     assert labels.dtype.name == "uint8" and set(labels.ravel().tolist()) <= set(range(21)) | {255}
     assert stages["make_pseudo_labels"]["irn_checkpoint"] == stages["train_irn"]["checkpoint"]
     pseudo = json.loads(fs.read_text(f"{run_dir}/metrics/pseudo_label_eval.json"))
-    assert 0 <= pseudo["miou"] <= 1 and "person" in pseudo["per_class"]
+    assert 0 <= pseudo["scores"]["miou"] <= 1 and "person" in pseudo["scores"]["per_class"]
     seg = json.loads(fs.read_text(stages["eval_seg"]["results"]))
     assert {"no_crf", "crf"} <= set(seg["val"]) and 0 <= seg["val"]["crf"]["miou"] <= 1
     assert fs.exists(stages["eval_seg"]["archive"])
