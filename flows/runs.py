@@ -70,13 +70,15 @@ def _figures(manifest: dict) -> dict:
 
 def run_status(cfg: PipelineConfig) -> list[StageStatus]:
     """Each stage's state in the run directory: done (its manifest matches the current config and code), stale
-    (finished under another config or code), failed (the last attempt raised), pending, or disabled (not part of
-    this configuration, e.g. IRN when pseudo_labels.method is crf)."""
+    (finished under another config or code, or a stage it reads is not done), failed (the last attempt raised),
+    pending, or disabled (not part of this configuration, e.g. IRN when pseudo_labels.method is crf)."""
     statuses: list[StageStatus] = []
     manifests: dict[str, dict | None] = {}
+    states: dict[str, str] = {}
     for stage in STAGES:
         if not stage.enabled(cfg):
             manifests[stage.name] = None
+            states[stage.name] = "disabled"
             statuses.append(StageStatus(stage.name, "disabled"))
             continue
         url = manifest_url(cfg.run_dir, stage.name)
@@ -85,14 +87,15 @@ def run_status(cfg: PipelineConfig) -> list[StageStatus]:
         if fs.exists(url):
             record = json.loads(fs.read_text(url))
             manifests[stage.name] = record["manifest"]
-            inputs_known = all(n in manifests for n in stage.needs)
-            fresh = inputs_known and record["cache_key"] == stage.cache_key(cfg, manifests)
+            inputs_done = all(states.get(n) in ("done", "disabled") for n in stage.needs)
+            fresh = inputs_done and record["cache_key"] == stage.cache_key(cfg, manifests)
             status = StageStatus(stage.name, "done" if fresh else "stale", _figures(record["manifest"]),
                                  sorted(set(output_paths(record["manifest"], cfg.run_dir))))
         if fs.exists(failed_url):
             status.state = "failed"
             status.error = json.loads(fs.read_text(failed_url))["error"]
         statuses.append(status)
+        states[stage.name] = status.state
     return statuses
 
 

@@ -60,6 +60,7 @@ def test_changed_refinement_parameter_reruns_pseudo_labels_and_segmentation(resu
     from flows.pipeline import sfc_pipeline
 
     cfg, overrides, first, _ = resumable
+    sfc_pipeline(cfg.model_dump(mode="json"))  # back to the fixture's configuration (other tests change it)
     before = {n: json.loads(fs.read_text(manifest_url(cfg.run_dir, n)))["cache_key"] for n in STAGE_NAMES}
     changed = load_config("configs/synthetic.yaml", [*overrides, "pseudo_labels.beta=8"])
     later = {"make_pseudo_labels", "eval_pseudo_labels", "train_seg", "eval_seg"}
