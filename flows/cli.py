@@ -38,8 +38,10 @@ def _run_flow(cfg, stages: str | None, start: str | None) -> None:
 
     try:
         summary = run_pipeline(cfg, _stage_list(stages), start)
-    except (DataError, FileNotFoundError, ValueError) as err:
+    except (DataError, ValueError) as err:
         raise click.ClickException(str(err)) from None
+    except OSError as err:  # missing inputs, an unwritable or full output location: the message names the path
+        raise click.ClickException(f"{type(err).__name__}: {err}") from None
     click.echo(json.dumps({"run_dir": summary["run_dir"], "mlflow_run_id": summary["mlflow_run_id"]}, indent=2))
 
 
@@ -94,16 +96,13 @@ def status(run_name: str, root: str) -> None:
 @click.option("--port", default=5000, show_default=True, type=int)
 def ui(root: str, port: int) -> None:
     """Start the MLflow UI on the runs folder's store (http://127.0.0.1:PORT)."""
-    import os
     import subprocess
 
-    from flows.config import default_tracking_uri
+    from flows.runs import mlflow_server_command
 
-    uri = default_tracking_uri(root)
-    click.echo(f"MLflow UI on http://127.0.0.1:{port} for {uri} (Ctrl-C stops it)")
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
-               "--port", str(port), "--workers", "1"]
+    command, env = mlflow_server_command(root, port)
+    click.echo(f"MLflow UI on http://127.0.0.1:{port} for {command[command.index('--backend-store-uri') + 1]} "
+               "(Ctrl-C stops it)")
     raise SystemExit(subprocess.call(command, env=env))
 
 

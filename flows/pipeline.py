@@ -234,7 +234,9 @@ def task_runner(cfg: PipelineConfig) -> TaskRunner:
 
 
 def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None, start: str | None = None) -> dict:
-    """Run :func:`sfc_pipeline` for ``cfg`` on the task runner its ``run`` section asks for."""
+    """Run :func:`sfc_pipeline` for ``cfg`` on the task runner its ``run`` section asks for. An output location
+    that cannot be written fails here, before any server or stage starts."""
+    fs.makedirs(cfg.run_dir)
     return sfc_pipeline.with_options(task_runner=task_runner(cfg))(cfg.model_dump(mode="json"), stages, start)
 
 

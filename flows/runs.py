@@ -2,12 +2,22 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 from flows.config import ConfigError, PipelineConfig, default_tracking_uri, load_config
 from flows.stages import STAGES, manifest_url, output_paths
 from storage import fs
+
+
+def mlflow_server_command(root: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of an MLflow server (UI and REST API) on the runs folder's store, bound to
+    127.0.0.1, one worker, serving the local artifacts."""
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", default_tracking_uri(root),
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    return command, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
 _MLFLOW_RUN_ID = re.compile(r"^[0-9a-f]{32}$")

@@ -243,7 +243,11 @@ class CamStore:
             raise CamStoreError(f"image {name!r} in CAM store {self.url} is incomplete (interrupted write?); "
                                 "rerun CAM inference for it")
         keys = np.asarray(attrs["keys"], dtype=np.int64)
-        data = array[...]
+        try:
+            data = array[...]
+        except Exception as err:  # codecs raise many types for damaged chunks
+            raise CamStoreError(f"image {name!r} in CAM store {self.url}: unreadable data ({type(err).__name__}: "
+                                f"{err}); the store is damaged, rerun CAM inference for it") from err
         if data.shape[:2] != (2, len(keys)):
             raise CamStoreError(f"image {name!r} in CAM store {self.url}: array shape {data.shape} does not match "
                                 f"{len(keys)} keys")

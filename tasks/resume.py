@@ -78,13 +78,20 @@ def save_training_state(ckpt_dir: str, state: dict, keep: int) -> None:
 
 
 def latest_training_state(ckpt_dir: str, cfg_hash: str) -> dict | None:
-    """The newest step checkpoint in ``ckpt_dir`` (None if there is none); one written under another config is an
-    error naming the file."""
-    existing = checkpoints.step_checkpoints(ckpt_dir)
-    if not existing:
+    """The newest readable step checkpoint in ``ckpt_dir`` (None if there is none). An unreadable one (corrupted
+    on disk) is set aside as ``*.corrupt`` with a warning naming it and the next older one is used, so the stage is
+    redone from there rather than trusted; one written under another config is an error naming the file."""
+    for _, url in reversed(checkpoints.step_checkpoints(ckpt_dir)):
+        try:
+            state = checkpoints.load(url, weights_only=False)
+        except ValueError as err:
+            log.warning("%s; set aside as %s.corrupt, resuming from an older checkpoint", err, url)
+            fs.write_bytes(f"{url}.corrupt", fs.read_bytes(url))
+            fs.remove(url)
+            continue
+        break
+    else:
         return None
-    url = existing[-1][1]
-    state = checkpoints.load(url, weights_only=False)
     if state.get("config_hash") != cfg_hash:
         raise ValueError(f"{url} was written with another config; remove {ckpt_dir} or use a new run name")
     log.info("resuming from step %d (%s)", state["step"], url)

@@ -205,3 +205,14 @@ def test_one_shard_file_per_image(tmp_path):
     assert os.listdir(root / "empty") == ["zarr.json"]
     keys, p, k = store.load("empty")
     assert keys.tolist() == [0] and not p.any() and not k.any()
+
+
+def test_damaged_chunk_is_a_clear_error_naming_the_image(tmp_path):
+    url = str(tmp_path / "cams.zarr")
+    make(url).write("img_a", np.array([0, 1]), cams(2), cams(2, seed=3))
+    shards = [p for p in (tmp_path / "cams.zarr" / "img_a").rglob("*") if p.is_file() and p.name != "zarr.json"]
+    assert shards
+    for shard in shards:
+        shard.write_bytes(b"\x00garbage" * 8)
+    with pytest.raises(CamStoreError, match=r"image 'img_a' .*unreadable data.*rerun CAM inference"):
+        CamStore.open(url).load("img_a")

@@ -135,3 +135,51 @@ def test_flow_runs_refinement_and_segmentation(finished_run):
     seg_run = client.search_runs([parent.info.experiment_id],
                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`sfc.stage` = 'eval_seg'")
     assert any(key.endswith("miou") for key in seg_run[0].data.metrics)
+
+
+def test_mlflow_server_serves_the_runs_metrics_and_artifacts(finished_run):
+    """What `sfc ui` serves: MLflow's REST API finds the pipeline's runs, per-class metrics and artifacts."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    from flows.runs import mlflow_server_command
+
+    cfg, summary, _ = finished_run
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command, env = mlflow_server_command(cfg.run.root, port)
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+
+    def call(path: str, body: dict | None = None) -> dict:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"{api}/{path}", data, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                experiment = call("experiments/get-by-name?experiment_name=sfc")["experiment"]
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(1)
+        runs = call("runs/search", {"experiment_ids": [experiment["experiment_id"]], "max_results": 100})["runs"]
+        children = {next(t["value"] for t in r["data"]["tags"] if t["key"] == "sfc.stage"): r for r in runs
+                    if any(t["key"] == "mlflow.parentRunId" and t["value"] == summary["mlflow_run_id"]
+                           for t in r["data"].get("tags", []))}
+        assert set(children) == set(STAGE_NAMES)
+        seg_metrics = {m["key"] for m in children["eval_seg"]["data"]["metrics"]}
+        assert any(key.endswith("/iou/person") for key in seg_metrics)
+        cam_run = children["eval_cam"]["info"]["run_id"]
+        listed = call(f"artifacts/list?run_id={cam_run}&path=cam_eval")["files"]
+        assert "cam_eval/per_class_iou.png" in {f["path"] for f in listed}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

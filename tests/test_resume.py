@@ -130,3 +130,11 @@ def test_unknown_run_is_a_clear_error(tmp_path):
         locate_run("nope", str(tmp_path))
     result = CliRunner().invoke(main, ["resume", "nope", "--root", str(tmp_path)])
     assert result.exit_code != 0 and "no run named" in result.output and "Traceback" not in result.output
+
+
+def test_unwritable_run_folder_is_a_clear_error(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the runs folder should be")
+    result = CliRunner().invoke(main, ["run", "--config", "configs/synthetic.yaml", *TINY,
+                                       f"run.root={blocker}/runs", f"data.root={tmp_path / 'data'}"])
+    assert result.exit_code != 0 and "not-a-folder" in result.output and "Traceback" not in result.output

@@ -91,3 +91,19 @@ def test_poly_schedule_and_groups():
         sched.step()
     assert abs(opt.param_groups[0]["lr"] - 0.1 * 0.5 ** 0.9) < 1e-9
     assert opt.param_groups[0]["momentum"] == 1e-4
+
+
+def test_corrupted_step_checkpoint_is_set_aside_and_an_older_one_used(tmp_path, caplog):
+    from storage import checkpoints
+    from tasks.resume import latest_training_state
+
+    folder = str(tmp_path / "checkpoints")
+    for step in (2, 4):
+        checkpoints.save(checkpoints.step_url(folder, step), {"step": step, "config_hash": "h"})
+    newest = checkpoints.step_url(folder, 4)
+    with open(newest, "r+b") as handle:
+        handle.truncate(20)
+    state = latest_training_state(folder, "h")
+    assert state["step"] == 2 and "not a readable torch checkpoint" in caplog.text
+    assert [s for s, _ in checkpoints.step_checkpoints(folder)] == [2] and (tmp_path / "checkpoints" /
+                                                                          "step_0000004.pt.corrupt").exists()
