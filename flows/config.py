@@ -64,6 +64,7 @@ class TrackingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     uri: str | None = Field(None, description="MLflow tracking URI; default: SQLite store in the runs folder")
     experiment: str = "sfc"
+    log_models: bool = Field(True, description="log each training stage's final weights as an MLflow artifact")
 
 
 class PipelineConfig(BaseModel):

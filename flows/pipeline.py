@@ -31,7 +31,7 @@ from tasks.shards import all_shards
 log = logging.getLogger(__name__)
 
 TRANSIENT_ERRORS = (TimeoutError, ConnectionError, InterruptedError, BlockingIOError)
-DATA_PARALLEL_STAGES = ("train_cam", "train_irn", "train_seg")  # stage functions that train under torchrun
+TRAINING_STAGES = ("train_cam", "train_irn", "train_seg")  # their final weights go to MLflow; torchrun-able
 
 
 def git_commit() -> str:
@@ -158,6 +158,9 @@ def run_stage(stage: Stage, cfg: PipelineConfig, manifests: dict[str, dict], tra
                 manifest, cached = _run_sharded(stage, cfg, key, arguments, child)
             else:
                 manifest, cached = _run_whole(stage, cfg, key, arguments)
+            if not cached and cfg.tracking.log_models and stage.name in TRAINING_STAGES:
+                checkpoint = manifest["checkpoint"]
+                child.log_bytes(fs.read_bytes(checkpoint), f"model/{checkpoint.rsplit('/', 1)[-1]}")
         except BaseException as err:
             fs.write_text(failed_url, json.dumps({"stage": stage.name, "error": f"{type(err).__name__}: {err}",
                                                   "time": time.time()}, indent=2))
@@ -196,8 +199,8 @@ def train_stage(cfg: PipelineConfig, name: str) -> dict:
     launch. Its inputs come from the run directory's finished stages; rank 0 tracks it in the run's MLflow run
     and records it as finished with the flow's cache key, so a resumed pipeline does not redo it."""
     (stage,) = select_stages([name])
-    if name not in DATA_PARALLEL_STAGES:
-        raise ValueError(f"{name} is not a training stage; training stages: {', '.join(DATA_PARALLEL_STAGES)}")
+    if name not in TRAINING_STAGES:
+        raise ValueError(f"{name} is not a training stage; training stages: {', '.join(TRAINING_STAGES)}")
     if not stage.enabled(cfg):
         raise ValueError(f"{name} is not part of this configuration (pseudo_labels.method="
                          f"{cfg.pseudo_labels.method})")

@@ -135,6 +135,9 @@ def test_flow_runs_refinement_and_segmentation(finished_run):
     seg_run = client.search_runs([parent.info.experiment_id],
                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`sfc.stage` = 'eval_seg'")
     assert any(key.endswith("miou") for key in seg_run[0].data.metrics)
+    train_runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' "
+                                    "and tags.`sfc.stage` = 'train_seg'")
+    assert [a.path for a in client.list_artifacts(train_runs[0].info.run_id, "model")] == ["model/final.pt"]
 
 
 def test_mlflow_server_serves_the_runs_metrics_and_artifacts(finished_run):
