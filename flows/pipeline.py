@@ -17,6 +17,7 @@ from pathlib import Path
 
 from prefect import flow, unmapped
 from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel
 from prefect.runtime import flow_run
@@ -104,15 +105,25 @@ def clear_superseded(stage: Stage, cfg: PipelineConfig, key: str) -> None:
 def _run_whole(stage: Stage, cfg: PipelineConfig, key: str, arguments: dict) -> tuple[dict, bool]:
     """The stage as one Prefect task whose result is cached under ``key``; a cached result whose outputs are gone
     is computed again. Returns (manifest, taken from the cache)."""
-    policy = CacheKeyFnPolicy(cache_key_fn=lambda *_: key).configure(key_storage=cache_storage(cfg))
+    storage = cache_storage(cfg)
+    policy = CacheKeyFnPolicy(cache_key_fn=lambda *_: key).configure(key_storage=storage)
     task = stage.task.with_options(cache_policy=policy, persist_result=True, retries=cfg.run.retries,
                                    retry_delay_seconds=cfg.run.retry_delay_s, retry_condition_fn=_is_transient)
-    state = task(**arguments, return_state=True)
-    manifest, cached = state.result(), state.name == "Cached"
-    if cached and (missing := missing_outputs(manifest, cfg.run_dir)):
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: Path(storage) / "results"}):  # results beside their keys
+        state = task(**arguments, return_state=True)
+    cached = state.name == "Cached"
+    try:
+        manifest = state.result()
+        missing = missing_outputs(manifest, cfg.run_dir) if cached else []
+    except Exception as err:  # noqa: BLE001 - an unreadable cache record is recomputed, a failed task re-raised
+        if not cached:
+            raise
+        missing = [f"the cached result ({type(err).__name__}: {err})"]
+    if missing:
         log.warning("stage %s: cached result names missing outputs (%s); running it again",
                     stage.name, ", ".join(missing[:3]))
-        manifest, cached = task.with_options(refresh_cache=True)(**arguments), False
+        with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: Path(storage) / "results"}):
+            manifest, cached = task.with_options(refresh_cache=True)(**arguments), False
     return manifest, cached
 
 

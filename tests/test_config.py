@@ -10,7 +10,8 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 @pytest.mark.parametrize("name", ["synthetic", "voc", "coco"])
 def test_shipped_configs_parse(name, tmp_path):
-    overrides = [] if name == "synthetic" else [f"train_cam.weights={_fake_weights(tmp_path)}"]
+    weights = _fake_weights(tmp_path)
+    overrides = [] if name == "synthetic" else [f"train_cam.weights={weights}", f"train_seg.weights={weights}"]
     cfg = load_config(str(CONFIGS / f"{name}.yaml"), overrides)
     assert cfg.data.kind == name
 

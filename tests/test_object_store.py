@@ -1,6 +1,7 @@
 """Run directories, datasets and the CAM store on an S3-compatible object store (a moto server on 127.0.0.1)."""
 import json
 import os
+import uuid
 
 import pytest
 
@@ -39,7 +40,8 @@ def s3_run(s3_server, tmp_path_factory, prefect_harness):
     from flows.pipeline import sfc_pipeline
 
     local = tmp_path_factory.mktemp("s3-local")
-    overrides = [*TINY, f"run.root={s3_server}/runs", f"data.root={s3_server}/data", "run.name=on-s3",
+    name = f"on-s3-{uuid.uuid4().hex[:8]}"  # Prefect's cache records of remote runs stay in ./runs: one per session
+    overrides = [*TINY, f"run.root={s3_server}/runs", f"data.root={s3_server}/data", f"run.name={name}",
                  f"tracking.uri=sqlite:///{local / 'mlflow.db'}"]
     cfg = load_config("configs/synthetic.yaml", overrides)
     return cfg, sfc_pipeline(cfg.model_dump(mode="json"))
@@ -51,7 +53,7 @@ def test_pipeline_writes_every_stage_to_the_object_store(s3_run):
 
     cfg, summary = s3_run
     run_dir = summary["run_dir"]
-    assert run_dir == f"s3://{BUCKET}/runs/on-s3"
+    assert run_dir == f"s3://{BUCKET}/runs/{cfg.run.name}"
     assert fs.exists(f"{run_dir}/pipeline.json") and fs.exists(f"{run_dir}/config.yaml")
     assert all(fs.exists(manifest_url(run_dir, name)) for name in STAGE_NAMES)
     train_ids = load_split_file(summary["stages"]["prepare_data"]["splits"]["train"]).ids
