@@ -1,9 +1,11 @@
-"""Reliability: SIGKILL the `sfc run` process group in the middle of each training stage, `sfc resume` it, and
-compare every output with an uninterrupted run of the same configuration: identical on CPU.
+"""Reliability: SIGKILL the `sfc run` process group in the middle of each long stage (CAM training and inference,
+IR labels, IRN, pseudo labels, segmentation training), `sfc resume` it each time, and compare every output with
+an uninterrupted run of the same configuration: identical on CPU.
 
 Opt-in (several pipeline processes, minutes on 2 cores): ``SFC_INTEGRATION=1 .venv/bin/python -m pytest
 tests/test_kill_resume.py``. The per-stage kill tests of the default suite simulate the kill inside the process
 (tests/interrupt.py); this one kills the real process, Prefect's server included."""
+import glob
 import json
 import os
 import signal
@@ -23,8 +25,10 @@ from tests.test_flow import TINY
 ROOT = Path(__file__).resolve().parents[1]
 LONGER = ["train_cam.max_steps=6", "train_cam.checkpoint_every=2", "train_irn.max_steps=6",
           "train_irn.checkpoint_every=2", "train_seg.max_steps=6", "train_seg.checkpoint_every=2"]
-KILL_AFTER = ["train_cam/checkpoints/step_0000002.pt", "train_irn/checkpoints/step_0000002.pt",
-              "train_seg/checkpoints/step_0000002.pt"]
+KILL_AFTER = [  # the first sign that each long stage is under way
+    "train_cam/checkpoints/step_0000002.pt", "cams.zarr/*/zarr.json", "ir_labels/*.png",
+    "train_irn/checkpoints/step_0000002.pt", "pseudo_labels/*.png", "train_seg/checkpoints/step_0000002.pt",
+]
 
 pytestmark = pytest.mark.integration
 
@@ -35,9 +39,9 @@ def _start(args: list[str]) -> subprocess.Popen:
 
 
 def _kill_when(process: subprocess.Popen, path: str, timeout: float = 600) -> None:
-    """SIGKILL the process group as soon as ``path`` exists (the stage is half-way)."""
+    """SIGKILL the process group as soon as a file matching ``path`` exists (the stage is under way)."""
     deadline = time.time() + timeout
-    while not os.path.exists(path):
+    while not glob.glob(path):
         if process.poll() is not None:
             raise AssertionError(f"the run ended before {path} appeared: {process.stderr.read().decode()[-2000:]}")
         if time.time() > deadline:
