@@ -17,12 +17,11 @@ from tests.test_flow import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(
+    os.environ.get("SFC_INTEGRATION") != "1", reason="set SFC_INTEGRATION=1 (two pipelines at once)")]
 
 
 def test_two_runs_at_once_stay_apart(tmp_path):
-    if os.environ.get("SFC_INTEGRATION") != "1":
-        pytest.skip("set SFC_INTEGRATION=1 (runs two pipelines at once: minutes)")
     from mlflow.tracking import MlflowClient
 
     common = [*TINY, f"run.root={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}"]

@@ -30,7 +30,8 @@ KILL_AFTER = [  # the first sign that each long stage is under way
     "train_irn/checkpoints/step_0000002.pt", "pseudo_labels/*.png", "train_seg/checkpoints/step_0000002.pt",
 ]
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(
+    os.environ.get("SFC_INTEGRATION") != "1", reason="set SFC_INTEGRATION=1 (several pipeline processes)")]
 
 
 def _start(args: list[str]) -> subprocess.Popen:
@@ -58,8 +59,6 @@ def _weights(url: str) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, prefect_harness):
-    if os.environ.get("SFC_INTEGRATION") != "1":
-        pytest.skip("set SFC_INTEGRATION=1 (starts several pipeline processes: minutes)")
     from flows.pipeline import run_pipeline
 
     tmp = tmp_path_factory.mktemp("kill")
