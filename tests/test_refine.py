@@ -66,6 +66,31 @@ def test_kill_between_write_and_rename_leaves_no_png(setup, tmp_path, monkeypatc
     assert sorted(p.name for p in (tmp_path / "labels").iterdir()) == sorted([f"{split.ids[0]}.png", "_settings.json"])
 
 
+def test_full_disk_fails_the_stage_with_the_path_and_leaves_nothing_partial(setup, tmp_path, monkeypatch):
+    import errno
+
+    root, split_url, store_url, split = setup
+    real_open, calls = LocalFileSystem.open, {"n": 0}
+
+    def filling_up(self, path, mode="rb", **kwargs):
+        handle = real_open(self, path, mode, **kwargs)
+        if "w" in mode and ".png.tmp-" in str(path):
+            calls["n"] += 1
+            if calls["n"] == 3:  # the third label: the disk is full half-way through the write
+                handle.write(b"\x89PNG half")
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return handle
+
+    monkeypatch.setattr(LocalFileSystem, "open", filling_up)
+    with pytest.raises(OSError, match="No space left on device.*png.tmp-"):
+        make_ir_labels(SERIAL, store_url, split_url, str(tmp_path / "labels"))
+    monkeypatch.undo()
+    left = sorted(p.name for p in (tmp_path / "labels").iterdir())
+    assert left == sorted([f"{split.ids[0]}.png", f"{split.ids[1]}.png", "_settings.json"])
+    resumed = make_ir_labels(SERIAL, store_url, split_url, str(tmp_path / "labels"))
+    assert (resumed["written"], resumed["skipped"]) == (len(split.ids) - 2, 2)
+
+
 def test_labels_of_other_settings_never_mix(setup, tmp_path):
     root, split_url, store_url, split = setup
     make_ir_labels(SERIAL, store_url, split_url, str(tmp_path))
