@@ -71,6 +71,16 @@ def restore_rank_state(state: dict, ranks: Ranks) -> dict:
     return local
 
 
+def report_step(progress, tracker, values: dict[str, float], lrs: dict[str, float], done: int, total: int,
+                log_every: int) -> None:
+    """Advance the progress bar with the step's loss; log its losses and learning rates to the tracker every
+    ``log_every`` steps and at the last step."""
+    progress.update(1)
+    progress.set_postfix(loss=f"{values['loss']:.4f}")
+    if done % log_every == 0 or done == total:
+        tracker.log_metrics({**values, **lrs}, step=done)
+
+
 def save_training_state(ckpt_dir: str, state: dict, keep: int) -> None:
     """Write ``state`` as ``step_<step>.pt`` (atomically) and keep only the ``keep`` newest step checkpoints."""
     checkpoints.save(checkpoints.step_url(ckpt_dir, state["step"]), state)

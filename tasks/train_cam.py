@@ -32,7 +32,7 @@ from storage.tracking import Tracker
 from tasks import distributed
 from tasks.distributed import RankBatches
 from tasks.resume import (finished_manifest, latest_training_state, rank_states, restore_rank_state,
-                          restore_training_state, save_training_state, training_state)
+                          report_step, restore_training_state, save_training_state, training_state)
 
 log = logging.getLogger(__name__)
 
@@ -262,11 +262,9 @@ def train_cam(
         images_seen += images.shape[0] * ranks.world_size
         values = losses.as_floats()
         history.append(values)
-        progress.update(1)
-        progress.set_postfix(loss=f"{values['loss']:.4f}")
         done = step + 1
-        if done % cfg.log_every == 0 or done == total_steps:
-            tracker.log_metrics({**values, "lr_backbone": lrs[0], "lr_new_layers": lrs[1]}, step=done)
+        report_step(progress, tracker, values, {"lr_backbone": lrs[0], "lr_new_layers": lrs[1]}, done, total_steps,
+                    cfg.log_every)
         if done % cfg.checkpoint_every == 0 and done < total_steps:
             bank_state = bank.state_dict() if bank is not None else None
             per_rank = rank_states(ranks, image_bank=bank_state)

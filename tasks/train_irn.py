@@ -30,7 +30,8 @@ from storage.datasets.voc_layout import Split
 from storage.tracking import Tracker
 from tasks import distributed
 from tasks.distributed import RankBatches
-from tasks.resume import rank_states, restore_rank_state
+from tasks.resume import (latest_training_state, rank_states, report_step, restore_rank_state,
+                          save_training_state)
 from tasks.train_cam import config_hash, resolve_device
 
 log = logging.getLogger(__name__)
@@ -212,15 +213,9 @@ def train_irn(
 
     ckpt_dir = fs.join(out_dir, "checkpoints")
     start_step = 0
-    existing = checkpoints.step_checkpoints(ckpt_dir)
-    if existing:
-        state = checkpoints.load(existing[-1][1], weights_only=False)
-        if state.get("config_hash") != cfg_hash:
-            raise ValueError(f"{existing[-1][1]} was written with another config; remove {ckpt_dir} or use a new "
-                             "run name")
+    if (state := latest_training_state(ckpt_dir, cfg_hash)) is not None:
         start_step = _apply_resume_state(state, model, optimizer, scheduler)
         restore_rank_state(state, ranks)
-        log.info("resuming IRN training from step %d (%s)", start_step, existing[-1][1])
     train_model = ranks.wrap(model, torch_device)
 
     tracker.log_params({"train_irn": cfg.model_dump(), "seed": seed, "total_steps": total_steps,
@@ -246,17 +241,14 @@ def train_irn(
         images_seen += images.shape[0] * ranks.world_size
         values = losses.as_floats()
         history.append(values)
-        progress.update(1)
-        progress.set_postfix(loss=f"{values['loss']:.4f}")
         done = step + 1
-        if done % cfg.log_every == 0 or done == total_steps:
-            tracker.log_metrics({**values, "lr_edge": lrs[0], "lr_displacement": lrs[1]}, step=done)
+        report_step(progress, tracker, values, {"lr_edge": lrs[0], "lr_displacement": lrs[1]}, done, total_steps,
+                    cfg.log_every)
         if done % cfg.checkpoint_every == 0 or done == total_steps:
             per_rank = rank_states(ranks)
             if ranks.is_main:
-                checkpoints.save(checkpoints.step_url(ckpt_dir, done),
-                                 {**_resume_state(model, optimizer, scheduler, done, cfg_hash), **per_rank})
-                checkpoints.prune(ckpt_dir, cfg.keep_checkpoints)
+                save_training_state(ckpt_dir, {**_resume_state(model, optimizer, scheduler, done, cfg_hash),
+                                               **per_rank}, cfg.keep_checkpoints)
             ranks.barrier()
     progress.close()
     seconds = time.perf_counter() - started

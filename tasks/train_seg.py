@@ -30,7 +30,7 @@ from tasks import distributed
 from tasks.distributed import RankBatches, sync_grads
 from tasks.eval_seg import EvalSegConfig, predict_probs, read_target
 from tasks.resume import (finished_manifest, latest_training_state, rank_states, restore_rank_state,
-                          restore_training_state, save_training_state, training_state)
+                          report_step, restore_training_state, save_training_state, training_state)
 from tasks.train_cam import config_hash, resolve_device
 
 log = logging.getLogger(__name__)
@@ -217,11 +217,9 @@ def train_seg(cfg: TrainSegConfig, train_split_url: str, pseudo_label_dir: str, 
         scheduler.step()
         loss_value = float(step_loss)
         losses.append(loss_value)
-        progress.update(1)
-        progress.set_postfix(loss=f"{loss_value:.4f}")
         done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.max_steps:
-            tracker.log_metrics({"loss": loss_value, "lr_backbone": lrs[0], "lr_head": lrs[1]}, step=done)
+        report_step(progress, tracker, {"loss": loss_value}, {"lr_backbone": lrs[0], "lr_head": lrs[1]}, done,
+                    cfg.max_steps, cfg.log_every)
         if ranks.is_main and val_split is not None and (
                 (cfg.val_every and done % cfg.val_every == 0) or done == cfg.max_steps):
             validations.append(_validate(model, val_split, cfg, torch_device, tracker, done))
