@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from prefect.runtime import flow_run
 
 from flows.config import PipelineConfig, load_config
-from flows.stages import STAGE_BY_NAME, STAGES, Stage, manifest_url, missing_outputs, select_stages
+from flows.stages import STAGE_BY_NAME, STAGES, Stage, failure_url, manifest_url, missing_outputs, select_stages
 from storage import fs
 from storage.tracking import Tracker, open_tracker
 from tasks.distributed import Ranks
@@ -88,18 +88,23 @@ def stage_inputs(cfg: PipelineConfig, stage: Stage) -> dict[str, dict | None]:
             for need in stage.needs}
 
 
-def clear_superseded(stage: Stage, cfg: PipelineConfig, key: str) -> None:
-    """A stage that finished under another cache key (a changed parameter or input) is redone from scratch: its
-    outputs and record are removed first, so the new run neither resumes from nor mixes with them. An interrupted
-    stage has no record yet, so its partial outputs stay for the stage's own resume."""
+def current_record(stage: Stage, cfg: PipelineConfig, key: str) -> dict | None:
+    """The stage's record if it finished under ``key``. A stage that finished under another cache key (a changed
+    parameter or input) is redone from scratch: its outputs and record are removed first, so the new run neither
+    resumes from nor mixes with them. An interrupted stage has no record yet, so its partial outputs stay for the
+    stage's own resume."""
     record_url = manifest_url(cfg.run_dir, stage.name)
-    if not fs.exists(record_url) or json.loads(fs.read_text(record_url))["cache_key"] == key:
-        return
+    if not fs.exists(record_url):
+        return None
+    record = json.loads(fs.read_text(record_url))
+    if record["cache_key"] == key:
+        return record
     for path in stage.owned_paths(cfg):
         if fs.exists(path):
             log.warning("stage %s: settings or inputs changed; removing its previous outputs %s", stage.name, path)
             fs.remove(path)
     fs.remove(record_url)
+    return None
 
 
 def _run_whole(stage: Stage, cfg: PipelineConfig, key: str, arguments: dict) -> tuple[dict, bool]:
@@ -111,18 +116,17 @@ def _run_whole(stage: Stage, cfg: PipelineConfig, key: str, arguments: dict) -> 
                                    retry_delay_seconds=cfg.run.retry_delay_s, retry_condition_fn=_is_transient)
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: Path(storage) / "results"}):  # results beside their keys
         state = task(**arguments, return_state=True)
-    cached = state.name == "Cached"
-    try:
-        manifest = state.result()
-        missing = missing_outputs(manifest, cfg.run_dir) if cached else []
-    except Exception as err:  # noqa: BLE001 - an unreadable cache record is recomputed, a failed task re-raised
-        if not cached:
-            raise
-        missing = [f"the cached result ({type(err).__name__}: {err})"]
-    if missing:
-        log.warning("stage %s: cached result names missing outputs (%s); running it again",
-                    stage.name, ", ".join(missing[:3]))
-        with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: Path(storage) / "results"}):
+        cached = state.name == "Cached"
+        try:
+            manifest = state.result()
+            missing = missing_outputs(manifest, cfg.run_dir) if cached else []
+        except Exception as err:  # noqa: BLE001 - an unreadable cache record is recomputed, a failed task re-raised
+            if not cached:
+                raise
+            missing = [f"the cached result ({type(err).__name__}: {err})"]
+        if missing:
+            log.warning("stage %s: cached result names missing outputs (%s); running it again",
+                        stage.name, ", ".join(missing[:3]))
             manifest, cached = task.with_options(refresh_cache=True)(**arguments), False
     return manifest, cached
 
@@ -134,16 +138,13 @@ def single_process(section: BaseModel) -> BaseModel:
     return section.model_copy(update={k: v for k, v in (("workers", 1), ("num_workers", 0)) if k in fields})
 
 
-def _run_sharded(stage: Stage, cfg: PipelineConfig, key: str, arguments: dict,
+def _run_sharded(stage: Stage, cfg: PipelineConfig, record: dict | None, arguments: dict,
                  tracker: Tracker) -> tuple[dict, bool]:
     """The stage as ``run.shards`` mapped Prefect tasks (on the flow's task runner: threads or Dask), each writing
-    its share of the images, merged into one manifest. Finished when its record holds ``key`` and its outputs
+    its share of the images, merged into one manifest. Finished when it has a current ``record`` and its outputs
     exist; an interrupted stage resumes from the images its shards completed."""
-    record_url = manifest_url(cfg.run_dir, stage.name)
-    if fs.exists(record_url):
-        record = json.loads(fs.read_text(record_url))
-        if record["cache_key"] == key and not missing_outputs(record["manifest"], cfg.run_dir):
-            return record["manifest"], True
+    if record is not None and not missing_outputs(record["manifest"], cfg.run_dir):
+        return record["manifest"], True
     section = arguments["cfg"]
     shard_arguments = {**arguments, "tracker": None,
                        "cfg": single_process(section) if cfg.run.task_runner == "dask" else section}
@@ -160,13 +161,13 @@ def _run_sharded(stage: Stage, cfg: PipelineConfig, key: str, arguments: dict,
 def run_stage(stage: Stage, cfg: PipelineConfig, manifests: dict[str, dict], tracker: Tracker) -> dict:
     """Run one stage's task (or take its cached manifest), check its outputs, record its manifest file."""
     key = stage.cache_key(cfg, manifests)
-    clear_superseded(stage, cfg, key)
-    failed_url = fs.join(cfg.run_dir, "manifests", f"{stage.name}.failed.json")
+    record = current_record(stage, cfg, key)
+    failed_url = failure_url(cfg.run_dir, stage.name)
     with stage_run(tracker, stage.name) as child:
         arguments = stage.arguments(cfg, manifests, child)
         try:
             if stage.merge is not None and cfg.run.shards > 1:
-                manifest, cached = _run_sharded(stage, cfg, key, arguments, child)
+                manifest, cached = _run_sharded(stage, cfg, record, arguments, child)
             else:
                 manifest, cached = _run_whole(stage, cfg, key, arguments)
             if not cached and cfg.tracking.log_models and stage.name in TRAINING_STAGES:
@@ -178,8 +179,7 @@ def run_stage(stage: Stage, cfg: PipelineConfig, manifests: dict[str, dict], tra
             raise
     if fs.exists(failed_url):
         fs.remove(failed_url)
-    record_url = manifest_url(cfg.run_dir, stage.name)
-    if cached and fs.exists(record_url):
+    if cached and record is not None:
         log.info("stage %s: finished before, taken from the cache", stage.name)
     else:
         record_stage(cfg.run_dir, stage.name, key, manifest)

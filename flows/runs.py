@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field
 
 from flows.config import ConfigError, PipelineConfig, default_tracking_uri, load_config
-from flows.stages import STAGES, manifest_url, output_paths
+from flows.stages import STAGES, failure_url, manifest_url, output_paths
 from storage import fs
 
 
@@ -92,7 +92,7 @@ def run_status(cfg: PipelineConfig) -> list[StageStatus]:
             statuses.append(StageStatus(stage.name, "disabled"))
             continue
         url = manifest_url(cfg.run_dir, stage.name)
-        failed_url = fs.join(cfg.run_dir, "manifests", f"{stage.name}.failed.json")
+        failed_url = failure_url(cfg.run_dir, stage.name)
         status = StageStatus(stage.name, "pending")
         if fs.exists(url):
             record = json.loads(fs.read_text(url))

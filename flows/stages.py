@@ -137,6 +137,11 @@ def manifest_url(run_dir: str, stage: str) -> str:
     return fs.join(run_dir, "manifests", f"{stage}.json")
 
 
+def failure_url(run_dir: str, stage: str) -> str:
+    """Where a stage's last error is kept until it finishes."""
+    return fs.join(run_dir, "manifests", f"{stage}.failed.json")
+
+
 def select_stages(only: list[str] | None = None, start: str | None = None) -> list[Stage]:
     """The stages to run: all, the named ones (``--stages``), or one and all after it (``--from``)."""
     unknown = [n for n in [*(only or []), *([start] if start else [])] if n not in STAGE_NAMES]

@@ -14,12 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from flows.config import load_config
 from storage import fs
+from tests.compare_runs import assert_same_cam_stores, assert_same_label_pngs
 from tests.test_flow import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,23 +75,14 @@ def runs(tmp_path_factory, prefect_harness):
 
 
 def test_killed_and_resumed_run_equals_uninterrupted_run(runs):
-    from storage.cam_store import CamStore
-
     reference, killed = runs
     for checkpoint in ("train_cam/final.pt", "train_irn/irn.pt", "train_seg/final.pt"):
         ours, theirs = _weights(f"{killed.run_dir}/{checkpoint}"), _weights(f"{reference.run_dir}/{checkpoint}")
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), checkpoint
-    ours, theirs = CamStore.open(f"{killed.run_dir}/cams.zarr"), CamStore.open(f"{reference.run_dir}/cams.zarr")
-    assert sorted(ours.ids()) == sorted(theirs.ids())
-    for image_id in theirs.ids():
-        for a, b in zip(ours.load(image_id), theirs.load(image_id)):
-            np.testing.assert_array_equal(a, b)
+    assert_same_cam_stores(f"{killed.run_dir}/cams.zarr", f"{reference.run_dir}/cams.zarr")
     for folder in ("ir_labels", "pseudo_labels"):
-        names = sorted(n for n in fs.listdir(f"{reference.run_dir}/{folder}") if n.endswith(".png"))
-        assert names == sorted(n for n in fs.listdir(f"{killed.run_dir}/{folder}") if n.endswith(".png"))
-        assert all(fs.read_bytes(f"{killed.run_dir}/{folder}/{n}") == fs.read_bytes(f"{reference.run_dir}/{folder}/{n}")
-                   for n in names)
+        assert_same_label_pngs(f"{killed.run_dir}/{folder}", f"{reference.run_dir}/{folder}")
     pseudo = [json.loads(fs.read_text(f"{d}/metrics/pseudo_label_eval.json"))["scores"]
               for d in (killed.run_dir, reference.run_dir)]
     assert pseudo[0] == pseudo[1]

@@ -2,12 +2,12 @@
 give exactly the outputs of one unsharded task."""
 import json
 
-import numpy as np
 import pytest
 
 from flows.config import load_config
 from storage import fs
 from tasks.shards import all_shards, merge_counts, shard_items
+from tests.compare_runs import assert_same_cam_stores, assert_same_label_pngs
 from tests.test_flow import TINY
 
 STAGES = ["prepare_data", "train_cam", "infer_cams", "make_pseudo_labels"]
@@ -27,20 +27,10 @@ def runs(tmp_path_factory, prefect_harness):
 
 
 def test_sharded_stages_on_dask_equal_one_task(runs):
-    from storage.cam_store import CamStore
-
     whole, sharded, _ = runs
-    ours, theirs = CamStore.open(sharded["stages"]["infer_cams"]["store"]), \
-        CamStore.open(whole["stages"]["infer_cams"]["store"])
-    assert sorted(ours.ids()) == sorted(theirs.ids()) and len(ours.ids()) > 0
-    for image_id in theirs.ids():
-        for a, b in zip(ours.load(image_id), theirs.load(image_id)):
-            np.testing.assert_array_equal(a, b)
-    label_dirs = [run["stages"]["make_pseudo_labels"]["out_dir"] for run in (whole, sharded)]
-    names = [[n for n in fs.listdir(d) if n.endswith(".png")] for d in label_dirs]
-    assert names[0] and names[0] == names[1]
-    for name in names[0]:
-        assert fs.read_bytes(f"{label_dirs[0]}/{name}") == fs.read_bytes(f"{label_dirs[1]}/{name}")
+    assert_same_cam_stores(sharded["stages"]["infer_cams"]["store"], whole["stages"]["infer_cams"]["store"])
+    assert_same_label_pngs(sharded["stages"]["make_pseudo_labels"]["out_dir"],
+                           whole["stages"]["make_pseudo_labels"]["out_dir"])
 
 
 def test_merged_manifests_count_every_image_once(runs):
