@@ -37,13 +37,16 @@ class RunConfig(BaseModel):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     retries: int = Field(1, ge=0, description="Prefect retries of a stage after a transient I/O error")
     retry_delay_s: float = Field(10.0, ge=0)
-    shards: int = Field(1, ge=1, description="per-image stages (CAM inference, IR labels, pseudo labels) fan out as "
-                        "this many mapped Prefect tasks")
+    shards: int = Field(1, ge=1, description="per-image stages (CAM inference, IR labels, pseudo labels, the three "
+                        "evaluations) fan out as this many mapped Prefect tasks")
     task_runner: Literal["threads", "dask"] = Field(
         "threads", description="where mapped shard tasks run: threads of the flow process, or a Dask cluster")
     dask_address: str | None = Field(None, description="scheduler of an existing Dask cluster (tcp://host:8786); "
                                      "null: a local cluster started for the run")
     dask_workers: int = Field(2, ge=1, description="worker processes of the local Dask cluster")
+    verify_outputs: bool = Field(
+        True, description="record content hashes of every stage's outputs and check them before a finished stage "
+        "is trusted (reads all outputs back once; false: only check that they exist)")
 
     @field_validator("name")
     @classmethod

@@ -1,9 +1,10 @@
 """The Prefect flow chaining the stages, with one MLflow parent run and a nested run per stage.
 
-Each stage is a Prefect task whose cache key comes from its config sections, its inputs' manifests and its code
-version (flows/stages.py); cache records live in the run directory, so re-running or resuming a run skips the
-stages that finished, and a changed parameter re-runs only its stage and those after it. Every finished stage
-also leaves ``manifests/<stage>.json``, which ``--stages``/``--from`` and ``sfc status`` read.
+Each stage is a Prefect task whose cache key comes from its config sections, its inputs' manifests and content
+hashes and its code version (flows/stages.py); cache records live in the run directory, so re-running or resuming
+a run skips the stages that finished, and a changed parameter re-runs only its stage and those after it. Every
+finished stage also leaves ``manifests/<stage>.json`` with the content hashes of its outputs, checked before the
+stage is trusted again, and which ``--stages``/``--from`` and ``sfc status`` read.
 """
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ from pydantic import BaseModel
 from prefect.runtime import flow_run
 
 from flows.config import PipelineConfig, load_config
-from flows.stages import STAGE_BY_NAME, STAGES, Stage, failure_url, manifest_url, missing_outputs, select_stages
+from flows.stages import (STAGE_BY_NAME, STAGES, Stage, failure_url, manifest_url, missing_outputs, select_stages,
+                          started_url)
 from storage import fs
+from storage.digests import combined_digest, content_digests, damaged_units
 from storage.tracking import Tracker, open_tracker
 from tasks.distributed import Ranks
 from tasks.shards import all_shards
@@ -89,71 +92,85 @@ def stage_inputs(cfg: PipelineConfig, stage: Stage) -> dict[str, dict | None]:
 
 
 def current_record(stage: Stage, cfg: PipelineConfig, key: str) -> dict | None:
-    """The stage's record if it finished under ``key``. A stage that finished under another cache key (a changed
-    parameter or input) is redone from scratch: its outputs and record are removed first, so the new run neither
-    resumes from nor mixes with them. An interrupted stage has no record yet, so its partial outputs stay for the
-    stage's own resume."""
-    record_url = manifest_url(cfg.run_dir, stage.name)
-    if not fs.exists(record_url):
-        return None
-    record = json.loads(fs.read_text(record_url))
-    if record["cache_key"] == key:
-        return record
-    for path in stage.owned_paths(cfg):
-        if fs.exists(path):
-            log.warning("stage %s: settings or inputs changed; removing its previous outputs %s", stage.name, path)
-            fs.remove(path)
-    fs.remove(record_url)
+    """The stage's record if it finished under ``key`` with its outputs intact, else None once nothing that must not
+    be reused is left, and the stage is marked as started under ``key``:
+
+    - finished or started under another cache key (a changed parameter, input or code): its outputs and record
+      are removed, so the new run neither resumes from nor mixes with them;
+    - finished under ``key`` but some outputs are gone or no longer match their recorded content hashes: those
+      pieces (a file, one image's CAMs) are removed, and the stage's own resume redoes just them;
+    - interrupted under ``key``: its partial outputs stay for the stage's own resume."""
+    record_url, marker_url = manifest_url(cfg.run_dir, stage.name), started_url(cfg.run_dir, stage.name)
+    record = json.loads(fs.read_text(record_url)) if fs.exists(record_url) else None
+    if record is not None and record["cache_key"] == key:
+        damaged = damaged_outputs(record, cfg)
+        if not damaged:
+            return record
+        log.warning("stage %s: %d finished output(s) are missing or damaged (%s); redoing them", stage.name,
+                    len(damaged), ", ".join(damaged[:3]) + (" ..." if len(damaged) > 3 else ""))
+        for url in damaged:
+            fs.remove(url)
+        fs.remove(record_url)
+    else:
+        started = json.loads(fs.read_text(marker_url))["cache_key"] if fs.exists(marker_url) else None
+        if record is not None or started not in (None, key):
+            for path in stage.owned_paths(cfg):
+                if fs.exists(path):
+                    log.warning("stage %s: settings or inputs changed; removing its previous outputs %s",
+                                stage.name, path)
+                    fs.remove(path)
+            fs.remove(record_url)
+    fs.write_text(marker_url, json.dumps({"stage": stage.name, "cache_key": key, "time": time.time()}))
     return None
 
 
-def _run_whole(stage: Stage, cfg: PipelineConfig, key: str, arguments: dict) -> tuple[dict, bool]:
-    """The stage as one Prefect task whose result is cached under ``key``; a cached result whose outputs are gone
-    is computed again. Returns (manifest, taken from the cache)."""
+def damaged_outputs(record: dict, cfg: PipelineConfig) -> list[str]:
+    """The recorded outputs that are gone or, with ``run.verify_outputs``, whose content changed."""
+    if cfg.run.verify_outputs and "outputs" in record:
+        return damaged_units(record["outputs"])
+    return missing_outputs(record["manifest"], cfg.run_dir)
+
+
+def _run_whole(stage: Stage, cfg: PipelineConfig, key: str, arguments: dict, record: dict | None) -> tuple[dict, bool]:
+    """The stage as one Prefect task whose result is cached under ``key``; without a current ``record`` (never
+    finished, or its outputs were damaged) the cache is bypassed. Returns (manifest, taken from the cache)."""
     storage = cache_storage(cfg)
     policy = CacheKeyFnPolicy(cache_key_fn=lambda *_: key).configure(key_storage=storage)
     task = stage.task.with_options(cache_policy=policy, persist_result=True, retries=cfg.run.retries,
-                                   retry_delay_seconds=cfg.run.retry_delay_s, retry_condition_fn=_is_transient)
+                                   retry_delay_seconds=cfg.run.retry_delay_s, retry_condition_fn=_is_transient,
+                                   refresh_cache=record is None)
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: Path(storage) / "results"}):  # results beside their keys
         state = task(**arguments, return_state=True)
-        cached = state.name == "Cached"
-        try:
-            manifest = state.result()
-            missing = missing_outputs(manifest, cfg.run_dir) if cached else []
-        except Exception as err:  # noqa: BLE001 - an unreadable cache record is recomputed, a failed task re-raised
-            if not cached:
-                raise
-            missing = [f"the cached result ({type(err).__name__}: {err})"]
-        if missing:
-            log.warning("stage %s: cached result names missing outputs (%s); running it again",
-                        stage.name, ", ".join(missing[:3]))
-            manifest, cached = task.with_options(refresh_cache=True)(**arguments), False
-    return manifest, cached
+        if state.name == "Cached" and record is not None:
+            return record["manifest"], True
+        return state.result(), False
 
 
 def single_process(section: BaseModel) -> BaseModel:
     """A stage config whose work stays in its own process (Dask workers are daemons: they cannot start process
-    pools or DataLoader workers). Neither setting changes the outputs."""
+    pools or DataLoader workers). None of these settings changes the outputs."""
     fields = type(section).model_fields
-    return section.model_copy(update={k: v for k, v in (("workers", 1), ("num_workers", 0)) if k in fields})
+    single = (("workers", 1), ("crf_workers", 1), ("num_workers", 0))
+    return section.model_copy(update={k: v for k, v in single if k in fields})
 
 
 def _run_sharded(stage: Stage, cfg: PipelineConfig, record: dict | None, arguments: dict,
                  tracker: Tracker) -> tuple[dict, bool]:
     """The stage as ``run.shards`` mapped Prefect tasks (on the flow's task runner: threads or Dask), each writing
-    its share of the images, merged into one manifest. Finished when it has a current ``record`` and its outputs
-    exist; an interrupted stage resumes from the images its shards completed."""
-    if record is not None and not missing_outputs(record["manifest"], cfg.run_dir):
+    its share of the images, merged into one manifest. Finished when it has a current ``record``; an interrupted
+    stage resumes from the images its shards completed."""
+    if record is not None:
         return record["manifest"], True
-    section = arguments["cfg"]
-    shard_arguments = {**arguments, "tracker": None,
-                       "cfg": single_process(section) if cfg.run.task_runner == "dask" else section}
+    section = arguments.get("cfg")  # the stage's config section; the label evaluation has none
+    shard_arguments = {**arguments, "tracker": None}
+    if section is not None and cfg.run.task_runner == "dask":
+        shard_arguments["cfg"] = single_process(section)
     task = stage.task.with_options(retries=cfg.run.retries, retry_delay_seconds=cfg.run.retry_delay_s,
                                    retry_condition_fn=_is_transient)
     futures = task.map(**{name: unmapped(value) for name, value in shard_arguments.items()},
                        shard=all_shards(cfg.run.shards))
-    manifest = stage.merge(futures.result())
-    tracker.log_params({stage.name: section.model_dump(mode="json"), "shards": cfg.run.shards})
+    manifest = stage.merge(futures.result(), arguments)
+    tracker.log_params({"shards": cfg.run.shards, **({stage.name: section.model_dump(mode="json")} if section else {})})
     tracker.log_metrics({k: v for k, v in manifest.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     return manifest, False
 
@@ -169,7 +186,7 @@ def run_stage(stage: Stage, cfg: PipelineConfig, manifests: dict[str, dict], tra
             if stage.merge is not None and cfg.run.shards > 1:
                 manifest, cached = _run_sharded(stage, cfg, record, arguments, child)
             else:
-                manifest, cached = _run_whole(stage, cfg, key, arguments)
+                manifest, cached = _run_whole(stage, cfg, key, arguments, record)
             if not cached and cfg.tracking.log_models and stage.name in TRAINING_STAGES:
                 checkpoint = manifest["checkpoint"]
                 child.log_bytes(fs.read_bytes(checkpoint), f"model/{checkpoint.rsplit('/', 1)[-1]}")
@@ -179,17 +196,24 @@ def run_stage(stage: Stage, cfg: PipelineConfig, manifests: dict[str, dict], tra
             raise
     if fs.exists(failed_url):
         fs.remove(failed_url)
-    if cached and record is not None:
+    if cached:
         log.info("stage %s: finished before, taken from the cache", stage.name)
-    else:
-        record_stage(cfg.run_dir, stage.name, key, manifest)
+        return manifest
+    return record_stage(cfg, stage, key, manifest, manifests)
+
+
+def record_stage(cfg: PipelineConfig, stage: Stage, key: str, manifest: dict, inputs: dict[str, dict | None]) -> dict:
+    """Write ``manifests/<stage>.json``: the stage finished with this cache key and manifest, and (with
+    ``run.verify_outputs``) the content hashes of its own outputs, whose combination joins the manifest as
+    ``content_hash``. Returns the manifest as recorded."""
+    record = {"stage": stage.name, "cache_key": key, "finished": time.time()}
+    if cfg.run.verify_outputs:
+        record["outputs"] = content_digests(stage.own_outputs(manifest, inputs, cfg.run_dir))
+        manifest = {**manifest, "content_hash": combined_digest(record["outputs"])}
+    record["manifest"] = manifest
+    fs.write_text(manifest_url(cfg.run_dir, stage.name), json.dumps(record, indent=2, default=str))
+    fs.remove(started_url(cfg.run_dir, stage.name))
     return manifest
-
-
-def record_stage(run_dir: str, name: str, key: str, manifest: dict) -> None:
-    """Write ``manifests/<stage>.json``: the stage finished with this cache key and manifest."""
-    record = {"stage": name, "cache_key": key, "finished": time.time(), "manifest": manifest}
-    fs.write_text(manifest_url(run_dir, name), json.dumps(record, indent=2, default=str))
 
 
 def open_run(cfg: PipelineConfig, **tags: str) -> Tracker:
@@ -225,7 +249,7 @@ def train_stage(cfg: PipelineConfig, name: str) -> dict:
     try:
         with stage_run(tracker, name) as child:
             manifest = stage.task.fn(**stage.arguments(cfg, manifests, child))
-        record_stage(cfg.run_dir, name, stage.cache_key(cfg, manifests), manifest)
+        manifest = record_stage(cfg, stage, stage.cache_key(cfg, manifests), manifest, manifests)
     except BaseException:
         tracker.finish("FAILED")
         raise

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field
 
 from flows.config import ConfigError, PipelineConfig, default_tracking_uri, load_config
-from flows.stages import STAGES, failure_url, manifest_url, output_paths
+from flows.stages import STAGES, failure_url, manifest_url, output_paths, started_url
 from storage import fs
 
 
@@ -64,7 +64,7 @@ def _run_dir_of_mlflow_run(run_id: str, tracking_uri: str) -> str | None:
 @dataclass
 class StageStatus:
     name: str
-    state: str  # done | stale | failed | pending | disabled
+    state: str  # done | stale | failed | started | pending | disabled
     figures: dict = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
     error: str | None = None
@@ -81,7 +81,8 @@ def _figures(manifest: dict) -> dict:
 def run_status(cfg: PipelineConfig) -> list[StageStatus]:
     """Each stage's state in the run directory: done (its manifest matches the current config and code), stale
     (finished under another config or code, or a stage it reads is not done), failed (the last attempt raised),
-    pending, or disabled (not part of this configuration, e.g. IRN when pseudo_labels.method is crf)."""
+    started (running, or killed while it ran: a resume continues it), pending, or disabled (not part of this
+    configuration, e.g. IRN when pseudo_labels.method is crf)."""
     statuses: list[StageStatus] = []
     manifests: dict[str, dict | None] = {}
     states: dict[str, str] = {}
@@ -101,6 +102,8 @@ def run_status(cfg: PipelineConfig) -> list[StageStatus]:
             fresh = inputs_done and record["cache_key"] == stage.cache_key(cfg, manifests)
             status = StageStatus(stage.name, "done" if fresh else "stale", _figures(record["manifest"]),
                                  sorted(set(output_paths(record["manifest"], cfg.run_dir))))
+        elif fs.exists(started_url(cfg.run_dir, stage.name)):
+            status.state = "started"
         if fs.exists(failed_url):
             status.state = "failed"
             status.error = json.loads(fs.read_text(failed_url))["error"]

@@ -12,19 +12,23 @@ from flows.code_version import code_version
 from flows.config import PipelineConfig
 from storage import fs
 from storage.tracking import Tracker
-from tasks.eval_cam import eval_cam_task
-from tasks.eval_pseudo_labels import evaluate_pseudo_labels_task
-from tasks.eval_seg import eval_seg_task
+from tasks.eval_cam import RESULTS_NAME as CAM_EVAL
+from tasks.eval_cam import eval_cam_task, merge_cam_eval
+from tasks.eval_pseudo_labels import PSEUDO_LABEL_EVAL, evaluate_pseudo_labels_task, merge_pseudo_label_eval
+from tasks.eval_seg import RESULTS_NAME as SEG_EVAL
+from tasks.eval_seg import eval_seg_task, merge_seg_eval
 from tasks.infer_cams import infer_cams_task, merge_infer_manifests
 from tasks.label_maps import merge_label_manifests
 from tasks.make_ir_labels import make_ir_labels_task
 from tasks.make_pseudo_labels import make_pseudo_labels_task
 from tasks.prepare_data import prepare_data_task
+from tasks.shards import partial_dir
 from tasks.train_cam import train_cam_task
 from tasks.train_irn import CAM_WEIGHTS, TrainIrnConfig, train_irn_task
 from tasks.train_seg import train_seg_task
 
 Arguments = Callable[[PipelineConfig, Mapping[str, dict], Tracker], dict[str, Any]]
+Merge = Callable[[list[dict], dict[str, Any]], dict]  # (the shards' manifests, the stage's arguments) -> manifest
 
 
 def _always(cfg: PipelineConfig) -> bool:
@@ -44,7 +48,7 @@ class Stage:
     arguments: Arguments
     enabled: Callable[[PipelineConfig], bool] = _always  # e.g. IRN only for pseudo_labels.method=irn
     owns: tuple[str, ...] = ()  # run-directory entries only this stage writes: cleared when its inputs change
-    merge: Callable[[list[dict]], dict] | None = None  # set for per-image stages that run as mapped shards
+    merge: Merge | None = None  # set for per-image stages that run as mapped shards
 
     @property
     def module(self) -> str:
@@ -53,13 +57,18 @@ class Stage:
     def owned_paths(self, cfg: PipelineConfig) -> list[str]:
         return [fs.join(cfg.run_dir, entry) for entry in self.owns]
 
+    def own_outputs(self, manifest: dict, inputs: Mapping[str, dict | None], run_dir: str) -> list[str]:
+        """The run-directory locations ``manifest`` names that this stage wrote (not those of its inputs)."""
+        read = {p for need in self.needs for p in output_paths(inputs[need] or {}, run_dir)}
+        return sorted(set(output_paths(manifest, run_dir)) - read)
+
     def cache_key(self, cfg: PipelineConfig, inputs: Mapping[str, dict]) -> str:
         """Derived from the stage's config sections, the run's seed/device/directory, the manifests of its
         inputs and its code version: equal keys mean the stage's outputs would be the same."""
         parts = {
             "stage": self.name, "run_dir": cfg.run_dir, "seed": cfg.run.seed, "device": cfg.run.device,
             "sections": {s: getattr(cfg, s).model_dump(mode="json") for s in self.sections},
-            "inputs": {name: inputs[name] for name in self.needs}, "code": code_version(self.module),
+            "inputs": {name: input_identity(inputs[name]) for name in self.needs}, "code": code_version(self.module),
         }
         text = json.dumps(parts, sort_keys=True, default=str)
         return f"{self.name}-{hashlib.sha256(text.encode()).hexdigest()[:24]}"
@@ -81,6 +90,11 @@ def _out(cfg: PipelineConfig, name: str) -> str:
     return fs.join(cfg.run_dir, name)
 
 
+def _partials(name: str) -> str:
+    """Where a sharded evaluation keeps its shards' partial states until they are merged (relative to the run)."""
+    return partial_dir("metrics", name)
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("prepare_data", prepare_data_task, ("data",), (),
           lambda cfg, m, t: {"cfg": cfg.data, "run_dir": cfg.run_dir, "cache_dir": cfg.cache_dir, "tracker": t}),
@@ -92,14 +106,15 @@ STAGES: tuple[Stage, ...] = (
           lambda cfg, m, t: {"cfg": cfg.infer_cams, "checkpoint_url": m["train_cam"]["checkpoint"],
                              "split_urls": [_splits(m)["train"]], "store_url": cam_store_url(cfg),
                              "device": cfg.run.device, "tracker": t},
-          owns=("cams.zarr",), merge=merge_infer_manifests),
+          owns=("cams.zarr",), merge=lambda shards, _: merge_infer_manifests(shards)),
     Stage("eval_cam", eval_cam_task, ("eval_cam",), ("prepare_data", "infer_cams"),
           lambda cfg, m, t: {"cfg": cfg.eval_cam, "store_url": m["infer_cams"]["store"],
-                             "split_url": _splits(m)["seed"], "out_dir": _out(cfg, "metrics"), "tracker": t}),
+                             "split_url": _splits(m)["seed"], "out_dir": _out(cfg, "metrics"), "tracker": t},
+          owns=(_partials(CAM_EVAL),), merge=lambda shards, arguments: merge_cam_eval(shards, **arguments)),
     Stage("make_ir_labels", make_ir_labels_task, ("ir_labels",), ("prepare_data", "infer_cams"),
           lambda cfg, m, t: {"cfg": cfg.ir_labels, "store_url": m["infer_cams"]["store"],
                              "split_url": _splits(m)["train"], "out_dir": _out(cfg, "ir_labels"), "tracker": t},
-          enabled=_uses_irn, owns=("ir_labels",), merge=merge_label_manifests),
+          enabled=_uses_irn, owns=("ir_labels",), merge=lambda shards, _: merge_label_manifests(shards)),
     Stage("train_irn", train_irn_task, ("train_irn",), ("prepare_data", "train_cam", "make_ir_labels"),
           lambda cfg, m, t: {"cfg": _irn_config(cfg, m), "ir_label_dir": m["make_ir_labels"]["out_dir"],
                              "split_file": _splits(m)["train"], "out_dir": _out(cfg, "train_irn"),
@@ -111,10 +126,12 @@ STAGES: tuple[Stage, ...] = (
                              "split_url": _splits(m)["train"], "out_dir": _out(cfg, "pseudo_labels"),
                              "device": cfg.run.device, "tracker": t,
                              "irn_checkpoint": (m["train_irn"] or {}).get("checkpoint")},
-          owns=("pseudo_labels",), merge=merge_label_manifests),
+          owns=("pseudo_labels",), merge=lambda shards, _: merge_label_manifests(shards)),
     Stage("eval_pseudo_labels", evaluate_pseudo_labels_task, (), ("prepare_data", "make_pseudo_labels"),
           lambda cfg, m, t: {"split_url": _splits(m)["seed"], "label_dir": m["make_pseudo_labels"]["out_dir"],
-                             "out_dir": _out(cfg, "metrics"), "tracker": t}),
+                             "out_dir": _out(cfg, "metrics"), "tracker": t},
+          owns=(_partials(PSEUDO_LABEL_EVAL),),
+          merge=lambda shards, arguments: merge_pseudo_label_eval(shards, **arguments)),
     Stage("train_seg", train_seg_task, ("train_seg",), ("prepare_data", "make_pseudo_labels"),
           lambda cfg, m, t: {"cfg": cfg.train_seg, "train_split_url": _splits(m)["train"],
                              "pseudo_label_dir": m["make_pseudo_labels"]["out_dir"],
@@ -123,7 +140,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("eval_seg", eval_seg_task, ("eval_seg",), ("prepare_data", "train_seg"),
           lambda cfg, m, t: {"cfg": cfg.eval_seg, "checkpoint": m["train_seg"]["checkpoint"],
                              "val_split_url": _splits(m)["val"], "out_dir": _out(cfg, "metrics"),
-                             "device": cfg.run.device, "tracker": t, "test_split_url": _splits(m).get("test")}),
+                             "device": cfg.run.device, "tracker": t, "test_split_url": _splits(m).get("test")},
+          owns=(_partials(SEG_EVAL),), merge=lambda shards, arguments: merge_seg_eval(shards, **arguments)),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
@@ -135,6 +153,11 @@ def cam_store_url(cfg: PipelineConfig) -> str:
 
 def manifest_url(run_dir: str, stage: str) -> str:
     return fs.join(run_dir, "manifests", f"{stage}.json")
+
+
+def started_url(run_dir: str, stage: str) -> str:
+    """The cache key a stage is running under, kept until it finishes: what an interrupted stage left belongs to it."""
+    return fs.join(run_dir, "manifests", f"{stage}.started.json")
 
 
 def failure_url(run_dir: str, stage: str) -> str:
@@ -169,3 +192,20 @@ def output_paths(manifest: Any, run_dir: str) -> list[str]:
 
 def missing_outputs(manifest: dict, run_dir: str) -> list[str]:
     return [p for p in output_paths(manifest, run_dir) if not fs.exists(p)]
+
+
+def input_identity(manifest: dict | None) -> Any:
+    """What a stage's cache key takes from an input's manifest: its content hash and its strings (locations, names,
+    ids), not its figures (counts, timings, scores), which differ between equal reruns and which the content hash
+    covers. A manifest without content hash (``run.verify_outputs: false``) counts as a whole."""
+    if not manifest or "content_hash" not in manifest:
+        return manifest
+    return {"content_hash": manifest["content_hash"], "strings": sorted(_strings(manifest))}
+
+
+def _strings(value: Any, prefix: str = "") -> list[str]:
+    if isinstance(value, Mapping):
+        return [s for key, item in value.items() for s in _strings(item, f"{prefix}{key}.")]
+    if isinstance(value, (list, tuple)):
+        return [s for i, item in enumerate(value) for s in _strings(item, f"{prefix}{i}.")]
+    return [f"{prefix}{value}"] if isinstance(value, str) else []

@@ -27,6 +27,19 @@ class ThresholdSweep:
         self.thresholds = tuple(thresholds)
         self.matrices = [ConfusionMatrix(num_classes) for _ in self.thresholds]
 
+    @classmethod
+    def from_counts(cls, counts: torch.Tensor, thresholds: Sequence[float]) -> ThresholdSweep:
+        """A sweep holding already accumulated (T, K, K) counts, one matrix per threshold."""
+        if counts.shape[0] != len(thresholds):
+            raise ValueError(f"{counts.shape[0]} confusion matrices for {len(thresholds)} thresholds")
+        sweep = cls(counts.shape[1], thresholds)
+        sweep.matrices = [ConfusionMatrix.from_counts(matrix) for matrix in counts]
+        return sweep
+
+    def counts(self) -> torch.Tensor:
+        """The (T, K, K) counts accumulated so far (what :meth:`from_counts` takes back)."""
+        return torch.stack([m.matrix for m in self.matrices])
+
     def update(self, target: torch.Tensor, foreground: torch.Tensor, keys: torch.Tensor | None = None) -> None:
         """``target`` (H, W) ground truth; ``foreground`` (C', H, W) scores. Without ``keys`` channel c is class
         c + 1; with ``keys`` (background + the classes of the channels, as stored CAMs have) channel c is class

@@ -20,6 +20,13 @@ class ConfusionMatrix:
         self.num_classes = num_classes
         self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 
+    @classmethod
+    def from_counts(cls, matrix: torch.Tensor) -> ConfusionMatrix:
+        """A confusion matrix holding already accumulated (K, K) counts (e.g. the sum of several shards')."""
+        confusion = cls(matrix.shape[0])
+        confusion.matrix = matrix.to(torch.int64).clone()
+        return confusion
+
     def update(self, target: torch.Tensor | np.ndarray, prediction: torch.Tensor | np.ndarray) -> None:
         target, prediction = _as_long(target), _as_long(prediction)
         if target.shape != prediction.shape:

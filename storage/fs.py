@@ -50,6 +50,13 @@ def listdir(url: str) -> list[str]:
     return sorted(name.rstrip("/").rsplit("/", 1)[-1] for name in fs.ls(path, detail=False))
 
 
+def find(url: str) -> list[str]:
+    """Paths relative to the directory ``url`` of every file below it, sorted."""
+    fs, path = filesystem(url)
+    root = path.rstrip("/") + "/"
+    return sorted(found.removeprefix(root) for found in fs.find(path) if found.startswith(root))
+
+
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
     return fs.cat_file(path)

@@ -15,15 +15,17 @@ from models.metrics import ConfusionMatrix
 from storage import fs
 from storage.cam_store import CamStore
 from storage.datasets.split_files import load_split_file
-from storage.datasets.voc_layout import DataError
+from storage.datasets.voc_layout import DataError, Split
 from storage.images import read_mask, read_rgb
 from storage.plots import bar_chart_png, curves_png, overlay_png
 from storage.reports import class_metrics, format_table
 from storage.tracking import Tracker
+from tasks.shards import empty_partial, merge_partials, save_partial, shard_items
 
 log = logging.getLogger(__name__)
 
-RESULTS = "cam_eval.json"
+RESULTS_NAME = "cam_eval"
+RESULTS = f"{RESULTS_NAME}.json"
 REFERENCE_RULE = "P (reference rule)"
 
 
@@ -42,22 +44,48 @@ def _foreground(cam: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(cam[1:] / 2.0)
 
 
-def eval_cam(cfg: EvalCamConfig, store_url: str, split_url: str, out_dir: str,
-             tracker: Tracker | None = None) -> dict:
+def eval_cam(cfg: EvalCamConfig, store_url: str, split_url: str, out_dir: str, tracker: Tracker | None = None,
+             shard: str | None = None) -> dict:
     """Sweep the background threshold for P, K and each K + wP over the split's masks in one pass; also score
     the reference's own rule (argmax of P with its background channel). Writes ``cam_eval.json``, plots and
-    overlays; returns the manifest."""
-    tracker = tracker or Tracker.null()
+    overlays; returns the manifest. With ``shard='i/n'`` only every n-th image from i is scored and the counts are
+    saved for :func:`merge_cam_eval`."""
+    split = _split_with_masks(split_url)
+    if shard is not None:
+        return save_partial(out_dir, RESULTS_NAME, shard,
+                            lambda: _accumulate(cfg, store_url, split, shard_items(split.ids, shard)))
+    return _report(cfg, split, _accumulate(cfg, store_url, split, split.ids), out_dir, tracker or Tracker.null())
+
+
+def merge_cam_eval(shards: list[dict], cfg: EvalCamConfig, store_url: str, split_url: str, out_dir: str,
+                   tracker: Tracker | None = None) -> dict:
+    """The results of a sharded CAM evaluation (``shards``: the shards' manifests), as one unsharded pass gives."""
+    split = _split_with_masks(split_url)
+    return merge_partials(shards, out_dir, RESULTS_NAME,
+                          lambda state: _report(cfg, split, state, out_dir, tracker or Tracker.null()))
+
+
+def _split_with_masks(split_url: str) -> Split:
     split = load_split_file(split_url)
     if not split.has_masks:
         raise DataError(f"CAM evaluation needs masks; split {split.name!r} ({split_url}) has images without")
+    return split
+
+
+def _variants(cfg: EvalCamConfig) -> list[str]:
+    return ["P", "K", *(f"K+{w}P" for w in cfg.proto_weights)]
+
+
+def _accumulate(cfg: EvalCamConfig, store_url: str, split: Split, ids: list[str]) -> dict:
+    """The sweeps' and the reference rule's confusion matrices over ``ids``, and the overlays of those among the
+    split's first ``cfg.overlays`` images."""
     store = CamStore.open(store_url)
     names = split.class_names
-    variants = ["P", "K", *(f"K+{w}P" for w in cfg.proto_weights)]
-    sweeps = {v: ThresholdSweep(len(names), cfg.thresholds) for v in variants}
+    sweeps = {v: ThresholdSweep(len(names), cfg.thresholds) for v in _variants(cfg)}
     reference = ConfusionMatrix(len(names))
-    overlays = []
-    for image_id in split.ids:
+    drawn = set(split.ids[:cfg.overlays])
+    state = empty_partial()
+    for image_id in ids:
         keys_np, proto, cam = store.load(image_id)
         mask = torch.from_numpy(read_mask(split.mask_url(image_id)).astype(np.int64))
         if mask.shape != proto.shape[1:]:
@@ -68,19 +96,32 @@ def eval_cam(cfg: EvalCamConfig, store_url: str, split_url: str, out_dir: str,
         for variant, values in maps.items():
             sweeps[variant].update(mask, _foreground(values), keys)
         reference.update(mask, keys[torch.from_numpy(proto).argmax(0)])
-        if len(overlays) < cfg.overlays:
+        if image_id in drawn:
             labels = {v: keys[torch.from_numpy(maps[v]).argmax(0)].numpy() for v in ("P", "K")}
-            overlays.append((image_id, overlay_png(read_rgb(split.image_url(image_id)), mask.numpy(),
-                                                   [("P", labels["P"]), ("K", labels["K"])])))
-    results = {v: sweeps[v].results(names) for v in variants}
-    results[REFERENCE_RULE] = {"best": reference.scores(names)}
+            state["pictures"][_overlay_name(image_id)] = overlay_png(
+                read_rgb(split.image_url(image_id)), mask.numpy(), [("P", labels["P"]), ("K", labels["K"])])
+    state["matrices"] = {**{v: sweep.counts() for v, sweep in sweeps.items()}, REFERENCE_RULE: reference.matrix}
+    return state
+
+
+def _overlay_name(image_id: str) -> str:
+    return f"overlays/{image_id}.png"
+
+
+def _report(cfg: EvalCamConfig, split: Split, state: dict, out_dir: str, tracker: Tracker) -> dict:
+    names = split.class_names
+    results = {v: ThresholdSweep.from_counts(state["matrices"][v], cfg.thresholds).results(names)
+               for v in _variants(cfg)}
+    results[REFERENCE_RULE] = {"best": ConfusionMatrix.from_counts(state["matrices"][REFERENCE_RULE]).scores(names)}
     summary = {v: {"miou": r["best"]["miou"], "best_threshold": r.get("best_threshold")} for v, r in results.items()}
     fs.write_text(fs.join(out_dir, RESULTS), json.dumps({"summary": summary, "variants": results}, indent=2))
+    overlays = {name: state["pictures"][name] for name in map(_overlay_name, split.ids) if name in state["pictures"]}
     _log_results(results, summary, split.name, out_dir, overlays, tracker)
     return {"results": fs.join(out_dir, RESULTS), "split": split.name, "summary": summary}
 
 
-def _log_results(results: dict, summary: dict, split_name: str, out_dir: str, overlays: list, tracker: Tracker) -> None:
+def _log_results(results: dict, summary: dict, split_name: str, out_dir: str, overlays: dict[str, bytes],
+                 tracker: Tracker) -> None:
     for variant, r in results.items():
         tag = variant.replace(" ", "_").replace("(", "").replace(")", "").replace("+", "_plus_")
         tracker.log_metrics(class_metrics(r["best"], f"cam_eval/{tag}"))
@@ -94,7 +135,7 @@ def _log_results(results: dict, summary: dict, split_name: str, out_dir: str, ov
             {v: {c: s["iou"] for c, s in r["best"]["per_class"].items()} for v, r in sweeps.items()},
             f"per-class IoU at the best threshold ({split_name})"),
     }
-    pictures.update({f"overlays/{image_id}.png": png for image_id, png in overlays})
+    pictures.update(overlays)
     for name, png in pictures.items():
         fs.write_bytes(fs.join(out_dir, name), png)
         tracker.log_bytes(png, f"cam_eval/{name}")

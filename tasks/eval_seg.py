@@ -37,14 +37,17 @@ from storage.datasets.voc_layout import DataError, Split
 from storage.images import encode_mask_png, read_mask, read_rgb
 from storage.plots import bar_chart_png, overlay_png
 from storage.reports import class_metrics, format_table
+from storage.digests import file_digest
 from storage.tracking import Tracker
 from tasks.parallel import parallel_map
 from tasks.seg_crf import crf_labels
+from tasks.shards import empty_partial, merge_partials, save_partial, shard_items
 from tasks.train_cam import resolve_device
 
 log = logging.getLogger(__name__)
 
-RESULTS = "seg_eval.json"
+RESULTS_NAME = "seg_eval"
+RESULTS = f"{RESULTS_NAME}.json"
 ARCHIVE = "seg_test_results.tar.gz"
 VOC_RESULTS_DIR = "results/VOC2012/Segmentation/comp6_test_cls"
 """Where the VOC evaluation server expects segmentation results (comp6: trained with data beyond VOC)."""
@@ -75,10 +78,10 @@ class EvalSegConfig(BaseModel):
         return scales
 
 
-def load_segmenter(url: str, class_names: Sequence[str]) -> tuple[DeepLab, str]:
-    """The segmenter of a ``train_seg`` checkpoint (eval mode) and the hash of the checkpoint's bytes. A checkpoint
-    that is not a segmenter, or was trained for other classes, is an error naming the file."""
-    state, digest = checkpoints.load_with_digest(url)
+def load_segmenter(url: str, class_names: Sequence[str]) -> DeepLab:
+    """The segmenter of a ``train_seg`` checkpoint (eval mode). A checkpoint that is not a segmenter, or was
+    trained for other classes, is an error naming the file."""
+    state = checkpoints.load(url)
     meta = state.get("meta")
     if not isinstance(meta, dict) or meta.get("kind") != "segmenter" or "model" not in state:
         raise ValueError(f"{url}: not a segmentation checkpoint (no 'model' and segmenter 'meta')")
@@ -90,7 +93,7 @@ def load_segmenter(url: str, class_names: Sequence[str]) -> tuple[DeepLab, str]:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise ValueError(f"{url} does not match a {meta['arch']} {meta['backbone']} segmenter: {err}") from None
-    return model.eval(), digest
+    return model.eval()
 
 
 def _names(names: Sequence[str]) -> str:
@@ -127,9 +130,9 @@ def read_target(split: Split, image_id: str, shape: tuple[int, ...]) -> np.ndarr
     return mask
 
 
-def segment(model: torch.nn.Module, split: Split, cfg: EvalSegConfig,
+def segment(model: torch.nn.Module, split: Split, ids: Sequence[str], cfg: EvalSegConfig,
             device: torch.device) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
-    """(id, class map without CRF, class map with CRF or None) for every image of ``split``, in order. The CRF
+    """(id, class map without CRF, class map with CRF or None) for each of ``ids`` of ``split``, in order. The CRF
     (``models.crf.DEEPLAB_CRF``) runs in ``crf_workers`` processes over chunks of ``crf_chunk`` images, whose
     probabilities are kept as float16 meanwhile."""
     pending: list[tuple[str, np.ndarray, np.ndarray]] = []
@@ -140,7 +143,7 @@ def segment(model: torch.nn.Module, split: Split, cfg: EvalSegConfig,
         yield from ((image_id, plain, labels) for (image_id, plain, _), labels in zip(pending, refined))
         pending.clear()
 
-    progress = tqdm(predict_probs(model, split, split.ids, cfg, device), total=len(split.ids),
+    progress = tqdm(predict_probs(model, split, ids, cfg, device), total=len(ids),
                     desc=f"eval_seg {split.name}", unit="img", dynamic_ncols=True)
     for image_id, probs in progress:
         plain = probs.argmax(axis=0).astype(np.uint8)
@@ -154,52 +157,85 @@ def segment(model: torch.nn.Module, split: Split, cfg: EvalSegConfig,
         yield from flush()
 
 
-def _evaluate_split(model: torch.nn.Module, split: Split, cfg: EvalSegConfig, device: torch.device,
-                    archive: tarfile.TarFile | None = None) -> tuple[dict, list[tuple[str, bytes]]]:
-    """Score ``split`` (when it has masks) without and with CRF, draw overlays, and add each prediction (CRF if on)
-    to ``archive`` in the VOC server layout. Returns ({"no_crf": scores, "crf": scores, ...}, overlays)."""
+def _accumulate_split(model: torch.nn.Module, split: Split, ids: Sequence[str], key: str, cfg: EvalSegConfig,
+                      device: torch.device, state: dict, predictions: bool) -> None:
+    """Add to ``state`` the confusion matrices ``<key>/no_crf`` and ``<key>/crf`` of ``ids`` (when the split has
+    masks), their count and seconds, overlays of those among the split's first ``cfg.overlays`` images and, with
+    ``predictions``, each prediction (CRF if on) as a VOC-palette PNG under its name in the server layout."""
     names = split.class_names
-    scored = split.has_masks
     matrices = {"no_crf": ConfusionMatrix(len(names)), "crf": ConfusionMatrix(len(names))}
-    overlays: list[tuple[str, bytes]] = []
+    drawn = set(split.ids[:cfg.overlays])
     started = time.perf_counter()
-    for image_id, plain, refined in segment(model, split, cfg, device):
-        if archive is not None:
-            _add_png(archive, f"{VOC_RESULTS_DIR}/{image_id}.png", refined if refined is not None else plain)
-        if not scored:
+    for image_id, plain, refined in segment(model, split, ids, cfg, device):
+        if predictions:
+            state["pictures"][_prediction_name(image_id)] = encode_mask_png(refined if refined is not None else plain)
+        if not split.has_masks:
             continue
         target = read_target(split, image_id, plain.shape)
         matrices["no_crf"].update(target, plain)
         if refined is not None:
             matrices["crf"].update(target, refined)
-        if len(overlays) < cfg.overlays:
-            drawn = [("no CRF", plain)] + ([("CRF", refined)] if refined is not None else [])
-            overlays.append((image_id, overlay_png(read_rgb(split.image_url(image_id)), target, drawn)))
-    seconds = time.perf_counter() - started
-    result: dict = {"split": split.name, "images": len(split.ids), "seconds": seconds,
-                    "images_per_second": len(split.ids) / seconds if seconds > 0 else None}
-    if scored:
-        result["no_crf"] = matrices["no_crf"].scores(names)
-        if cfg.crf:
-            result["crf"] = matrices["crf"].scores(names)
-    return result, overlays
+        if image_id in drawn:
+            shown = [("no CRF", plain)] + ([("CRF", refined)] if refined is not None else [])
+            state["pictures"][_overlay_name(image_id)] = overlay_png(read_rgb(split.image_url(image_id)), target, shown)
+    state["seconds"][key] = time.perf_counter() - started
+    state["counts"][f"{key}/images"] = len(ids)
+    if split.has_masks:
+        state["matrices"].update({f"{key}/{variant}": m.matrix for variant, m in matrices.items()
+                                  if variant == "no_crf" or cfg.crf})
 
 
-def _add_png(archive: tarfile.TarFile, name: str, labels: np.ndarray) -> None:
-    data = encode_mask_png(labels)
+def _prediction_name(image_id: str) -> str:
+    return f"{VOC_RESULTS_DIR}/{image_id}.png"
+
+
+def _overlay_name(image_id: str) -> str:
+    return f"seg_overlays/{image_id}.png"
+
+
+def _split_results(split: Split, key: str, state: dict) -> dict:
+    """What one split's accumulated state scores: mIoU etc. without and with CRF, images, seconds, throughput."""
+    images, seconds = state["counts"][f"{key}/images"], state["seconds"][key]
+    result: dict = {"split": split.name, "images": images, "seconds": seconds,
+                    "images_per_second": images / seconds if seconds > 0 else None}
+    for variant in ("no_crf", "crf"):
+        if f"{key}/{variant}" in state["matrices"]:
+            result[variant] = ConfusionMatrix.from_counts(state["matrices"][f"{key}/{variant}"]).scores(split.class_names)
+    return result
+
+
+def _add_png(archive: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mode = len(data), 0o644
     archive.addfile(info, io.BytesIO(data))
 
 
 def eval_seg(cfg: EvalSegConfig, checkpoint: str, val_split_url: str, out_dir: str, device: str = "auto",
-             tracker: Tracker | None = None, test_split_url: str | None = None) -> dict:
+             tracker: Tracker | None = None, test_split_url: str | None = None, shard: str | None = None) -> dict:
     """Evaluate a ``train_seg`` checkpoint on the validation split without and with CRF: ``<out_dir>/seg_eval.json``
     (mIoU, pixel accuracy and per-class IoU/precision/recall by class name), MLflow metrics, a per-class IoU bar
     chart and overlays. With ``test_split_url``, its predictions are written as VOC-palette PNGs under
     ``results/VOC2012/Segmentation/comp6_test_cls/`` in ``<out_dir>/seg_test_results.tar.gz`` (logged to MLflow);
-    a test split with masks is scored too. Returns the manifest."""
-    tracker = tracker or Tracker.null()
+    a test split with masks is scored too. Returns the manifest. With ``shard='i/n'`` only every n-th image from i
+    of each split is segmented, and the counts and PNGs are saved for :func:`merge_seg_eval`."""
+    val, test = _load_splits(val_split_url, test_split_url)
+    if shard is not None:
+        return save_partial(out_dir, RESULTS_NAME, shard,
+                            lambda: _accumulate(cfg, checkpoint, val, test, device, shard))
+    state = _accumulate(cfg, checkpoint, val, test, device, None)
+    return _report(cfg, checkpoint, val, test, state, out_dir, tracker or Tracker.null())
+
+
+def merge_seg_eval(shards: list[dict], cfg: EvalSegConfig, checkpoint: str, val_split_url: str, out_dir: str,
+                   device: str = "auto", tracker: Tracker | None = None, test_split_url: str | None = None) -> dict:
+    """The results of a sharded segmentation evaluation (``shards``: the shards' manifests), as one unsharded pass
+    gives (the test archive included, byte for byte)."""
+    val, test = _load_splits(val_split_url, test_split_url)
+    return merge_partials(shards, out_dir, RESULTS_NAME, lambda state: _report(
+        cfg, checkpoint, val, test, state, out_dir, tracker or Tracker.null()))
+
+
+def _load_splits(val_split_url: str, test_split_url: str | None) -> tuple[Split, Split | None]:
     val = load_split_file(val_split_url)
     if not val.has_masks:
         raise DataError(f"segmentation evaluation needs masks; split {val.name!r} ({val_split_url}) has images "
@@ -207,21 +243,36 @@ def eval_seg(cfg: EvalSegConfig, checkpoint: str, val_split_url: str, out_dir: s
     test = load_split_file(test_split_url) if test_split_url else None
     if test is not None and test.class_names != val.class_names:
         raise DataError(f"{test_split_url}: classes differ from those of the validation split {val_split_url}")
-    model, digest = load_segmenter(checkpoint, val.class_names)
+    return val, test
+
+
+def _accumulate(cfg: EvalSegConfig, checkpoint: str, val: Split, test: Split | None, device: str,
+                shard: str | None) -> dict:
+    model = load_segmenter(checkpoint, val.class_names)
     torch_device = resolve_device(device)
     fold_batchnorm(model.backbone)  # eval mode: same outputs, faster
     model.to(torch_device)
     if cfg.amp and torch_device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    state = empty_partial()
+    _accumulate_split(model, val, shard_items(val.ids, shard), "val", cfg, torch_device, state, predictions=False)
+    if test is not None:
+        _accumulate_split(model, test, shard_items(test.ids, shard), "test", cfg.model_copy(update={"overlays": 0}),
+                          torch_device, state, predictions=True)
+    return state
 
-    results = {"checkpoint": checkpoint, "checkpoint_hash": digest, "config": cfg.model_dump(mode="json")}
-    results["val"], overlays = _evaluate_split(model, val, cfg, torch_device)
+
+def _report(cfg: EvalSegConfig, checkpoint: str, val: Split, test: Split | None, state: dict, out_dir: str,
+            tracker: Tracker) -> dict:
+    results = {"checkpoint": checkpoint, "checkpoint_hash": file_digest(checkpoint),
+               "config": cfg.model_dump(mode="json"), "val": _split_results(val, "val", state)}
     archive_url = None
     if test is not None:
+        results["test"] = _split_results(test, "test", state)
         buffer = io.BytesIO()
         with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as archive:
-            results["test"], _ = _evaluate_split(model, test, cfg.model_copy(update={"overlays": 0}), torch_device,
-                                                 archive)
+            for image_id in test.ids:
+                _add_png(archive, _prediction_name(image_id), state["pictures"][_prediction_name(image_id)])
         archive_url = fs.join(out_dir, ARCHIVE)
         fs.write_bytes(archive_url, buffer.getvalue())
         results["test"]["archive"] = archive_url
@@ -229,6 +280,7 @@ def eval_seg(cfg: EvalSegConfig, checkpoint: str, val_split_url: str, out_dir: s
     summary = _summary(results)
     results["summary"] = summary
     fs.write_text(fs.join(out_dir, RESULTS), json.dumps(results, indent=2))
+    overlays = {name: state["pictures"][name] for name in map(_overlay_name, val.ids) if name in state["pictures"]}
     _log_results(results, summary, out_dir, overlays, tracker)
     return {"results": fs.join(out_dir, RESULTS), "summary": summary, "archive": archive_url}
 
@@ -243,8 +295,7 @@ def _summary(results: dict) -> dict:
     return summary
 
 
-def _log_results(results: dict, summary: dict, out_dir: str, overlays: list[tuple[str, bytes]],
-                 tracker: Tracker) -> None:
+def _log_results(results: dict, summary: dict, out_dir: str, overlays: dict[str, bytes], tracker: Tracker) -> None:
     tracker.log_params({"eval_seg": results["config"], "checkpoint": results["checkpoint"]})
     tracker.log_metrics({k: v for k, v in summary.items() if v is not None})
     bars = {}
@@ -261,7 +312,7 @@ def _log_results(results: dict, summary: dict, out_dir: str, overlays: list[tupl
                 bars["no CRF" if variant == "no_crf" else "CRF"] = {c: s["iou"] for c, s in
                                                                    scores["per_class"].items()}
     pictures = {"seg_per_class_iou.png": bar_chart_png(bars, f"per-class IoU ({results['val']['split']})")}
-    pictures.update({f"seg_overlays/{image_id}.png": png for image_id, png in overlays})
+    pictures.update(overlays)
     for name, png in pictures.items():
         fs.write_bytes(fs.join(out_dir, name), png)
         tracker.log_bytes(png, f"eval_seg/{name}")

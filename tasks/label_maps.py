@@ -48,13 +48,6 @@ def open_inputs(store_url: str, split_url: str) -> tuple[CamStore, Split]:
     return store, split
 
 
-def file_digest(url: str) -> str:
-    """A short SHA-256 of a file's bytes, naming it when missing."""
-    if not fs.exists(url):
-        raise FileNotFoundError(f"{url} not found")
-    return hashlib.sha256(fs.read_bytes(url)).hexdigest()[:16]
-
-
 def claim_out_dir(out_dir: str, settings: dict) -> str:
     """Record in ``<out_dir>/_settings.json`` what the labels are made from (stage config, CAM store hashes, ...),
     or check that a resumed run uses the same; labels of different settings never mix in one directory. Returns a

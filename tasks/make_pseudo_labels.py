@@ -14,8 +14,9 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.pseudo_labels import RandomWalkParams
+from storage.digests import file_digest
 from storage.tracking import Tracker
-from tasks.label_maps import claim_out_dir, file_digest, open_inputs, write_all
+from tasks.label_maps import claim_out_dir, open_inputs, write_all
 from tasks.make_ir_labels import CrfConfig
 from tasks.parallel import default_workers
 from tasks.pseudo_label_worker import PseudoLabelJob

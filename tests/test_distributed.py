@@ -17,8 +17,7 @@ import torch.multiprocessing as mp
 import flows.pipeline
 from flows.cli import main as cli
 from flows.config import load_config
-from flows.pipeline import record_stage
-from flows.stages import STAGES
+from flows.stages import STAGES, manifest_url
 from storage import checkpoints, fs
 from storage.datasets.irn import ir_label_url
 from storage.datasets.split_files import load_split_file
@@ -131,7 +130,8 @@ def ddp_runs(data, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("ddp_runs")
     out = {name: str(tmp / name) for name in ("runs", "full", "resumed", "irn", "seg")}
     splits = {"train": data["train_aug"], "val": data["val"]}
-    record_stage(f"{out['runs']}/ddp", "prepare_data", "prepare_data-test", {"splits": splits})
+    record = {"stage": "prepare_data", "cache_key": "prepare_data-test", "manifest": {"splits": splits}}
+    fs.write_text(manifest_url(f"{out['runs']}/ddp", "prepare_data"), json.dumps(record))
     jobs = [
         {"kind": "cam", "out": out["full"], "cfg": {**CAM, "max_steps": 3, "checkpoint_every": 2}},
         {"kind": "cam", "out": out["resumed"], "resume_from": (f"{out['full']}/checkpoints", 2),

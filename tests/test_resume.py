@@ -1,6 +1,7 @@
 """Resume and stage selection: finished stages come from the cache across flow runs, a changed parameter re-runs
 only its stage and those after it, a failed run resumes in the same MLflow run, and ``sfc status`` tells."""
 import json
+import logging
 
 import pytest
 from click.testing import CliRunner
@@ -8,8 +9,11 @@ from click.testing import CliRunner
 from flows.cli import main
 from flows.config import load_config
 from flows.runs import RunNotFoundError, locate_run, run_status
-from flows.stages import STAGE_NAMES, manifest_url
+from flows.stages import STAGE_NAMES, manifest_url, started_url
 from storage import fs
+from storage.cam_store import CamStore
+from storage.digests import damaged_units
+from tasks.shards import partial_dir
 from tests.test_flow import TINY
 
 
@@ -81,6 +85,52 @@ def test_missing_outputs_of_a_cached_stage_are_redone(resumable):
     fs.remove(results)
     sfc_pipeline(cfg.model_dump(mode="json"), ["eval_cam"])
     assert fs.exists(results)
+
+
+def _flip_a_byte(url: str) -> None:
+    data = bytearray(fs.read_bytes(url))
+    data[len(data) // 2] ^= 0xFF
+    fs.write_bytes(url, bytes(data))
+
+
+def test_damaged_outputs_are_redone_not_trusted_and_later_stages_stay_cached(resumable, caplog):
+    from flows.pipeline import sfc_pipeline
+
+    cfg, *_ = resumable
+    sfc_pipeline(cfg.model_dump(mode="json"))  # back to the fixture's configuration (other tests change it)
+    times = _finished_times(cfg.run_dir)
+    records = {n: json.loads(fs.read_text(manifest_url(cfg.run_dir, n))) for n in STAGE_NAMES}
+    store = records["infer_cams"]["manifest"]["store"]
+    image_id = CamStore.open(store).ids()[0]
+    chunk = next(f"{store}/{image_id}/{p}" for p in fs.find(f"{store}/{image_id}") if p.startswith("c/"))
+    label = f"{records['make_pseudo_labels']['manifest']['out_dir']}/{image_id}.png"
+    _flip_a_byte(chunk)
+    _flip_a_byte(label)
+    with caplog.at_level(logging.WARNING, logger="flows.pipeline"):
+        again = sfc_pipeline(cfg.model_dump(mode="json"))
+    warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert f"{store}/{image_id}" in warnings and label in warnings
+    redone = {n for n, t in _finished_times(cfg.run_dir).items() if t != times[n]}
+    assert redone == {"infer_cams", "make_pseudo_labels"}  # rewritten identically, so nothing after them reruns
+    assert again["stages"]["infer_cams"]["content_hash"] == records["infer_cams"]["manifest"]["content_hash"]
+    assert damaged_units(json.loads(fs.read_text(manifest_url(cfg.run_dir, "infer_cams")))["outputs"]) == []
+    CamStore.open(store).load(image_id)
+
+
+def test_what_a_stage_left_under_other_settings_is_cleared_before_it_runs(resumable):
+    from flows.pipeline import sfc_pipeline
+
+    cfg, overrides, *_ = resumable
+    before = fs.read_text(f"{cfg.run_dir}/metrics/cam_eval.json")
+    sharded = load_config("configs/synthetic.yaml", [*overrides, "run.shards=2"])
+    fs.remove(manifest_url(cfg.run_dir, "eval_cam"))  # as if it was killed while running under other settings
+    fs.write_text(started_url(cfg.run_dir, "eval_cam"), json.dumps({"cache_key": "eval_cam-other"}))
+    stale = f"{partial_dir(f'{cfg.run_dir}/metrics', 'cam_eval')}/0-of-2.pt"
+    fs.write_bytes(stale, b"not the counts of these settings")
+    result = sfc_pipeline(sharded.model_dump(mode="json"), ["eval_cam"])
+    assert result["stages"]["eval_cam"]["shards"] == 2
+    assert fs.read_text(f"{cfg.run_dir}/metrics/cam_eval.json") == before
+    assert not fs.exists(stale) and not fs.exists(started_url(cfg.run_dir, "eval_cam"))
 
 
 def test_failed_stage_is_reported_and_resume_finishes_in_the_same_mlflow_run(resumable, monkeypatch):
