@@ -104,14 +104,15 @@ def test_damaged_outputs_are_redone_not_trusted_and_later_stages_stay_cached(res
     image_id = CamStore.open(store).ids()[0]
     chunk = next(f"{store}/{image_id}/{p}" for p in fs.find(f"{store}/{image_id}") if p.startswith("c/"))
     label = f"{records['make_pseudo_labels']['manifest']['out_dir']}/{image_id}.png"
-    _flip_a_byte(chunk)
-    _flip_a_byte(label)
+    weights = records["train_cam"]["manifest"]["checkpoint"]
+    for damaged in (weights, chunk, label):
+        _flip_a_byte(damaged)
     with caplog.at_level(logging.WARNING, logger="flows.pipeline"):
         again = sfc_pipeline(cfg.model_dump(mode="json"))
     warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
-    assert f"{store}/{image_id}" in warnings and label in warnings
+    assert all(name in warnings for name in (weights, f"{store}/{image_id}", label))
     redone = {n for n, t in _finished_times(cfg.run_dir).items() if t != times[n]}
-    assert redone == {"infer_cams", "make_pseudo_labels"}  # rewritten identically, so nothing after them reruns
+    assert redone == {"train_cam", "infer_cams", "make_pseudo_labels"}  # identical again: nothing else reruns
     assert again["stages"]["infer_cams"]["content_hash"] == records["infer_cams"]["manifest"]["content_hash"]
     assert damaged_units(json.loads(fs.read_text(manifest_url(cfg.run_dir, "infer_cams")))["outputs"]) == []
     CamStore.open(store).load(image_id)
@@ -127,6 +128,7 @@ def test_what_a_stage_left_under_other_settings_is_cleared_before_it_runs(resuma
     fs.write_text(started_url(cfg.run_dir, "eval_cam"), json.dumps({"cache_key": "eval_cam-other"}))
     stale = f"{partial_dir(f'{cfg.run_dir}/metrics', 'cam_eval')}/0-of-2.pt"
     fs.write_bytes(stale, b"not the counts of these settings")
+    assert {s.name: s.state for s in run_status(cfg)}["eval_cam"] == "started"
     result = sfc_pipeline(sharded.model_dump(mode="json"), ["eval_cam"])
     assert result["stages"]["eval_cam"]["shards"] == 2
     assert fs.read_text(f"{cfg.run_dir}/metrics/cam_eval.json") == before
