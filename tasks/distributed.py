@@ -7,7 +7,7 @@ or the CPU with the gloo backend), takes its slice of every global batch and ave
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -135,6 +135,18 @@ def setup(device: torch.device) -> tuple[Ranks, torch.device]:
         raise RuntimeError(f"the process group has {dist.get_world_size()} processes, WORLD_SIZE says "
                            f"{ranks.world_size}")
     return ranks, device
+
+
+def seeded_model(build: Callable[[], torch.nn.Module], seed: int, device: torch.device, ranks: Ranks,
+                 channels_last: bool = False) -> torch.nn.Module:
+    """The model ``build`` makes under ``seed`` (the same initial weights on every rank), on ``device`` in training
+    mode; each rank's RNGs are then seeded apart (its own augmentation and sampling)."""
+    torch.manual_seed(seed)
+    model = build().to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ranks.seed_rank_rngs(seed)
+    return model.train()
 
 
 def cleanup() -> None:

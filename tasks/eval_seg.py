@@ -199,8 +199,8 @@ def _split_results(split: Split, key: str, state: dict) -> dict:
     result: dict = {"split": split.name, "images": images, "seconds": seconds,
                     "images_per_second": images / seconds if seconds > 0 else None}
     for variant in ("no_crf", "crf"):
-        if f"{key}/{variant}" in state["matrices"]:
-            result[variant] = ConfusionMatrix.from_counts(state["matrices"][f"{key}/{variant}"]).scores(split.class_names)
+        if (counts := state["matrices"].get(f"{key}/{variant}")) is not None:
+            result[variant] = ConfusionMatrix.from_counts(counts).scores(split.class_names)
     return result
 
 

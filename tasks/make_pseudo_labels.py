@@ -62,9 +62,10 @@ def make_pseudo_labels(cfg: PseudoLabelConfig, store_url: str, split_url: str, o
         raise ValueError("pseudo-label method 'irn' needs the IRN checkpoint (irn_checkpoint); "
                          "use method 'crf' or 'none' without IRN")
     store, split = open_inputs(store_url, split_url)
-    digest = claim_out_dir(out_dir, {"stage": "pseudo_labels", "config": cfg.model_dump(mode="json", exclude={"workers"}),
-                            "cam_store": [store.config_hash, store.checkpoint_hash],
-                            "irn": file_digest(irn_checkpoint) if cfg.method == "irn" else None})
+    digest = claim_out_dir(out_dir, {"stage": "pseudo_labels",
+                                     "config": cfg.model_dump(mode="json", exclude={"workers"}),
+                                     "cam_store": [store.config_hash, store.checkpoint_hash],
+                                     "irn": file_digest(irn_checkpoint) if cfg.method == "irn" else None})
     torch_device = resolve_device(device)
     on_accelerator = cfg.method == "irn" and torch_device.type != "cpu"
     workers = 1 if on_accelerator else cfg.workers or default_workers()

@@ -71,6 +71,17 @@ def restore_rank_state(state: dict, ranks: Ranks) -> dict:
     return local
 
 
+LOSS_WINDOW = 20  # steps averaged for the first/last losses of a training manifest
+
+
+def loss_summary(history: list[dict[str, float]]) -> dict[str, dict[str, float] | None]:
+    """The mean of each loss term over the first and the last ``LOSS_WINDOW`` steps (single steps are noisy)."""
+    def mean(values: list[dict[str, float]]) -> dict[str, float] | None:
+        return {key: float(np.mean([v[key] for v in values])) for key in values[0]} if values else None
+
+    return {"first_losses": mean(history[:LOSS_WINDOW]), "last_losses": mean(history[-LOSS_WINDOW:])}
+
+
 def report_step(progress, tracker, values: dict[str, float], lrs: dict[str, float], done: int, total: int,
                 log_every: int) -> None:
     """Advance the progress bar with the step's loss; log its losses and learning rates to the tracker every

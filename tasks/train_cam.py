@@ -7,7 +7,6 @@ import logging
 import time
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from prefect import task
@@ -30,9 +29,9 @@ from storage.datasets.voc_layout import Split
 from storage.reports import class_metrics, format_table
 from storage.tracking import Tracker
 from tasks import distributed
-from tasks.distributed import RankBatches
-from tasks.resume import (finished_manifest, latest_training_state, rank_states, restore_rank_state,
-                          report_step, restore_training_state, save_training_state, training_state)
+from tasks.distributed import RankBatches, seeded_model
+from tasks.resume import (finished_manifest, latest_training_state, loss_summary, rank_states,
+                          restore_rank_state, report_step, restore_training_state, save_training_state, training_state)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,6 @@ MANIFEST = "train_cam.json"
 FINAL = "final.pt"
 BEST = "best.pt"
 VAL_SCORES = "val_scores.json"
-LOSS_WINDOW = 20  # steps averaged for the first/last losses of the manifest
 
 
 class IBRConfig(BaseModel):
@@ -121,6 +119,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def amp_enabled(requested: bool, device: torch.device) -> bool:
+    """Mixed precision where asked for and available (CUDA); elsewhere training stays in fp32, with a warning."""
+    if requested and device.type != "cuda":
+        log.warning("amp requested but the device is %s; training in fp32", device)
+    return requested and device.type == "cuda"
+
+
 def config_hash(cfg: BaseModel, *extra: str) -> str:
     text = cfg.model_dump_json() + "".join(extra)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -185,17 +190,9 @@ def train_cam(
         return finished
 
     ranks, torch_device = distributed.setup(resolve_device(device))
-    if not ranks.is_main:
-        tracker = Tracker.null()
-    use_amp = cfg.amp and torch_device.type == "cuda"
-    if cfg.amp and not use_amp:
-        log.warning("amp requested but the device is %s; training in fp32", torch_device)
-    torch.manual_seed(seed)
-    model = build_model(cfg, split.num_classes).to(torch_device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.train()
-    ranks.seed_rank_rngs(seed)
+    tracker = tracker if ranks.is_main else Tracker.null()
+    use_amp = amp_enabled(cfg.amp, torch_device)
+    model = seeded_model(lambda: build_model(cfg, split.num_classes), seed, torch_device, ranks, cfg.channels_last)
 
     global_batch = cfg.batch_size * ranks.world_size
     steps_per_epoch = len(split.ids) // global_batch
@@ -287,7 +284,7 @@ def train_cam(
         "config_hash": cfg_hash, "steps": total_steps, "final_checkpoint": final_url, "checkpoint": final_url,
         "class_weights": dict(zip(split.class_names[1:], class_weights.tolist())),
         "train_seconds": seconds, "images_per_second": images_seen / seconds if seconds > 0 else None,
-        "first_losses": _mean_losses(history[:LOSS_WINDOW]), "last_losses": _mean_losses(history[-LOSS_WINDOW:]),
+        **loss_summary(history),
     }
     if val_split is not None:
         best_score = _validate(model, val_split, torch_device, cfg, tracker, total_steps, best_score, best_url, meta)
@@ -299,13 +296,6 @@ def train_cam(
     fs.write_text(manifest_url, json.dumps(manifest, indent=2))
     tracker.log_dict(manifest, "train_cam/manifest.json")
     return ranks.broadcast(manifest)
-
-
-def _mean_losses(values: list[dict[str, float]]) -> dict[str, float] | None:
-    """Mean of each loss term over a window of steps (single steps are noisy)."""
-    if not values:
-        return None
-    return {key: float(np.mean([v[key] for v in values])) for key in values[0]}
 
 
 def _save_model(url: str, model: SFCNet, meta: dict, step: int) -> None:

@@ -29,8 +29,8 @@ from storage.datasets.split_files import load_split_file
 from storage.datasets.voc_layout import Split
 from storage.tracking import Tracker
 from tasks import distributed
-from tasks.distributed import RankBatches
-from tasks.resume import (latest_training_state, rank_states, report_step, restore_rank_state,
+from tasks.distributed import RankBatches, seeded_model
+from tasks.resume import (latest_training_state, loss_summary, rank_states, report_step, restore_rank_state,
                           save_training_state)
 from tasks.train_cam import config_hash, resolve_device
 
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "train_irn.json"
 FINAL = "irn.pt"
 KIND = "irn"
-LOSS_WINDOW = 20  # steps averaged for the first/last losses of the manifest
 
 
 CAM_WEIGHTS = "cam"  # train_irn.weights value: the backbone of this run's CAM network (set by the flow)
@@ -195,11 +194,8 @@ def train_irn(
             return manifest
 
     ranks, torch_device = distributed.setup(resolve_device(device))
-    if not ranks.is_main:
-        tracker = Tracker.null()
-    torch.manual_seed(seed)
-    model = build_model(cfg).to(torch_device).train()
-    ranks.seed_rank_rngs(seed)
+    tracker = tracker if ranks.is_main else Tracker.null()
+    model = seeded_model(lambda: build_model(cfg), seed, torch_device, ranks)
     global_batch = cfg.batch_size * ranks.world_size
     steps_per_epoch = len(split.ids) // global_batch
     if steps_per_epoch == 0:
@@ -266,20 +262,13 @@ def train_irn(
         "config_hash": cfg_hash, "steps": total_steps, "checkpoint": final_url, "mean_shift": shift.tolist(),
         "ir_label_digest": label_digest, "train_seconds": seconds,
         "images_per_second": images_seen / seconds if seconds > 0 and images_seen else None,
-        "first_losses": _mean_losses(history[:LOSS_WINDOW]), "last_losses": _mean_losses(history[-LOSS_WINDOW:]),
+        **loss_summary(history),
     }
     tracker.log_metrics({"train_seconds": seconds, "mean_shift_dy": shift[0].item(), "mean_shift_dx": shift[1].item()})
     tracker.set_tags({"irn_checkpoint": final_url})
     fs.write_text(manifest_url, json.dumps(manifest, indent=2))
     tracker.log_dict(manifest, "train_irn/manifest.json")
     return ranks.broadcast(manifest)
-
-
-def _mean_losses(values: list[dict[str, float]]) -> dict[str, float] | None:
-    """Mean of each loss term over a window of steps (single steps are noisy)."""
-    if not values:
-        return None
-    return {key: float(np.mean([v[key] for v in values])) for key in values[0]}
 
 
 train_irn_task = task(train_irn, name="train_irn", cache_policy=NO_CACHE)

@@ -27,17 +27,16 @@ from storage.datasets.voc_layout import DataError, Split
 from storage.reports import class_metrics, format_table
 from storage.tracking import Tracker
 from tasks import distributed
-from tasks.distributed import RankBatches, sync_grads
+from tasks.distributed import RankBatches, seeded_model, sync_grads
 from tasks.eval_seg import EvalSegConfig, predict_probs, read_target
-from tasks.resume import (finished_manifest, latest_training_state, rank_states, restore_rank_state,
+from tasks.resume import (LOSS_WINDOW, finished_manifest, latest_training_state, rank_states, restore_rank_state,
                           report_step, restore_training_state, save_training_state, training_state)
-from tasks.train_cam import config_hash, resolve_device
+from tasks.train_cam import amp_enabled, config_hash, resolve_device
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "train_seg.json"
 FINAL = "final.pt"
-LOSS_WINDOW = 20  # steps averaged for the first/last loss of the manifest
 
 
 class TrainSegConfig(BaseModel):
@@ -160,17 +159,9 @@ def train_seg(cfg: TrainSegConfig, train_split_url: str, pseudo_label_dir: str, 
         return finished
 
     ranks, torch_device = distributed.setup(resolve_device(device))
-    if not ranks.is_main:
-        tracker = Tracker.null()
-    use_amp = cfg.amp and torch_device.type == "cuda"
-    if cfg.amp and not use_amp:
-        log.warning("amp requested but the device is %s; training in fp32", torch_device)
-    torch.manual_seed(seed)
-    model = build_segmenter(cfg, num_labels).to(torch_device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.train()
-    ranks.seed_rank_rngs(seed)
+    tracker = tracker if ranks.is_main else Tracker.null()
+    use_amp = amp_enabled(cfg.amp, torch_device)
+    model = seeded_model(lambda: build_segmenter(cfg, num_labels), seed, torch_device, ranks, cfg.channels_last)
     optimizer = segmentation_sgd(model, cfg)
     scheduler = poly_schedule(optimizer, cfg.max_steps, cfg.poly_power)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
