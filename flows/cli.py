@@ -83,12 +83,14 @@ def resume(run_name: str, root: str, stages: str | None, start: str | None) -> N
 @main.command()
 @click.argument("run_name", metavar="RUN")
 @click.option("--root", default="runs", show_default=True, help="the runs folder")
-def status(run_name: str, root: str) -> None:
-    """Print each stage's state (done, stale, failed, pending), key figures and output locations."""
+@click.option("--verify", is_flag=True, help="also hash the finished stages' outputs against their records")
+def status(run_name: str, root: str, verify: bool) -> None:
+    """Print each stage's state (done, stale, damaged, failed, started, pending, disabled), key figures and
+    output locations."""
     from flows.runs import format_status, run_status
 
     cfg = _locate(run_name, root)
-    click.echo(format_status(cfg, run_status(cfg)))
+    click.echo(format_status(cfg, run_status(cfg, verify)))
 
 
 @main.command()

@@ -24,10 +24,10 @@ from pydantic import BaseModel
 from prefect.runtime import flow_run
 
 from flows.config import PipelineConfig, load_config
-from flows.stages import (STAGE_BY_NAME, STAGES, Stage, failure_url, manifest_url, missing_outputs, select_stages,
+from flows.stages import (STAGE_BY_NAME, STAGES, Stage, damaged_outputs, failure_url, manifest_url, select_stages,
                           started_url)
 from storage import fs
-from storage.digests import combined_digest, content_digests, damaged_units
+from storage.digests import combined_digest, content_digests
 from storage.tracking import Tracker, open_tracker
 from tasks.distributed import Ranks
 from tasks.shards import all_shards
@@ -122,13 +122,6 @@ def current_record(stage: Stage, cfg: PipelineConfig, key: str) -> dict | None:
             fs.remove(record_url)
     fs.write_text(marker_url, json.dumps({"stage": stage.name, "cache_key": key, "time": time.time()}))
     return None
-
-
-def damaged_outputs(record: dict, cfg: PipelineConfig) -> list[str]:
-    """The recorded outputs that are gone or, with ``run.verify_outputs``, whose content changed."""
-    if cfg.run.verify_outputs and "outputs" in record:
-        return damaged_units(record["outputs"])
-    return missing_outputs(record["manifest"], cfg.run_dir)
 
 
 def _run_whole(stage: Stage, cfg: PipelineConfig, key: str, arguments: dict, record: dict | None) -> tuple[dict, bool]:

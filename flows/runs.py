@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field
 
 from flows.config import ConfigError, PipelineConfig, default_tracking_uri, load_config
-from flows.stages import STAGES, failure_url, manifest_url, output_paths, started_url
+from flows.stages import STAGES, damaged_outputs, failure_url, manifest_url, output_paths, started_url
 from storage import fs
 
 
@@ -64,10 +64,11 @@ def _run_dir_of_mlflow_run(run_id: str, tracking_uri: str) -> str | None:
 @dataclass
 class StageStatus:
     name: str
-    state: str  # done | stale | failed | started | pending | disabled
+    state: str  # done | stale | damaged | failed | started | pending | disabled
     figures: dict = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
     error: str | None = None
+    damaged: list[str] = field(default_factory=list)
 
 
 def _figures(manifest: dict) -> dict:
@@ -78,11 +79,12 @@ def _figures(manifest: dict) -> dict:
     return figures
 
 
-def run_status(cfg: PipelineConfig) -> list[StageStatus]:
+def run_status(cfg: PipelineConfig, verify: bool = False) -> list[StageStatus]:
     """Each stage's state in the run directory: done (its manifest matches the current config and code), stale
-    (finished under another config or code, or a stage it reads is not done), failed (the last attempt raised),
-    started (running, or killed while it ran: a resume continues it), pending, or disabled (not part of this
-    configuration, e.g. IRN when pseudo_labels.method is crf)."""
+    (finished under another config or code, or a stage it reads is not done), damaged (with ``verify``: some of
+    its outputs are gone or differ from their recorded content hashes; a run redoes just those), failed (the last
+    attempt raised), started (running, or killed while it ran: a resume continues it), pending, or disabled (not
+    part of this configuration, e.g. IRN when pseudo_labels.method is crf)."""
     statuses: list[StageStatus] = []
     manifests: dict[str, dict | None] = {}
     states: dict[str, str] = {}
@@ -98,10 +100,12 @@ def run_status(cfg: PipelineConfig) -> list[StageStatus]:
         if fs.exists(url):
             record = json.loads(fs.read_text(url))
             manifests[stage.name] = record["manifest"]
-            inputs_done = all(states.get(n) in ("done", "disabled") for n in stage.needs)
+            inputs_done = all(states.get(n) in ("done", "damaged", "disabled") for n in stage.needs)
             fresh = inputs_done and record["cache_key"] == stage.cache_key(cfg, manifests)
             status = StageStatus(stage.name, "done" if fresh else "stale", _figures(record["manifest"]),
                                  sorted(set(output_paths(record["manifest"], cfg.run_dir))))
+            if verify and (damaged := damaged_outputs(record, cfg)):
+                status.state, status.damaged = "damaged", damaged
         elif fs.exists(started_url(cfg.run_dir, stage.name)):
             status.state = "started"
         if fs.exists(failed_url):
@@ -118,6 +122,7 @@ def format_status(cfg: PipelineConfig, statuses: list[StageStatus]) -> str:
         lines.append(f"  {s.name:<20} {s.state}")
         if s.error:
             lines.append(f"      error: {s.error}")
+        lines.extend(f"      damaged: {p}" for p in s.damaged[:4])
         if s.figures:
             lines.append(f"      {json.dumps(s.figures, default=str)[:400]}")
         lines.extend(f"      -> {p}" for p in s.outputs[:4])

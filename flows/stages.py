@@ -11,6 +11,7 @@ from typing import Any
 from flows.code_version import code_version
 from flows.config import PipelineConfig
 from storage import fs
+from storage.digests import damaged_units
 from storage.tracking import Tracker
 from tasks.eval_cam import RESULTS_NAME as CAM_EVAL
 from tasks.eval_cam import eval_cam_task, merge_cam_eval
@@ -192,6 +193,13 @@ def output_paths(manifest: Any, run_dir: str) -> list[str]:
 
 def missing_outputs(manifest: dict, run_dir: str) -> list[str]:
     return [p for p in output_paths(manifest, run_dir) if not fs.exists(p)]
+
+
+def damaged_outputs(record: dict, cfg: PipelineConfig) -> list[str]:
+    """A finished stage's recorded outputs that are gone or, with ``run.verify_outputs``, whose content changed."""
+    if cfg.run.verify_outputs and "outputs" in record:
+        return damaged_units(record["outputs"])
+    return missing_outputs(record["manifest"], cfg.run_dir)
 
 
 def input_identity(manifest: dict | None) -> Any:

@@ -107,6 +107,12 @@ def test_damaged_outputs_are_redone_not_trusted_and_later_stages_stay_cached(res
     weights = records["train_cam"]["manifest"]["checkpoint"]
     for damaged in (weights, chunk, label):
         _flip_a_byte(damaged)
+    assert {s.name: s.state for s in run_status(cfg)}["infer_cams"] == "done"  # without --verify: not hashed
+    shown = CliRunner().invoke(main, ["status", cfg.run.name, "--root", cfg.run.root, "--verify"])
+    assert shown.exit_code == 0 and f"damaged: {store}/{image_id}" in shown.output and label in shown.output
+    states = {s.name: s.state for s in run_status(cfg, verify=True)}
+    assert {n for n, state in states.items() if state == "damaged"} == {"train_cam", "infer_cams", "make_pseudo_labels"}
+    assert all(state in ("done", "damaged") for state in states.values())
     with caplog.at_level(logging.WARNING, logger="flows.pipeline"):
         again = sfc_pipeline(cfg.model_dump(mode="json"))
     warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
