@@ -11,6 +11,8 @@ format and into a ``CamStore`` once per compressor the module supports, and meas
   reference, a fresh ``CamStore.open`` (timed separately, and included in the totals) + ``CamStore.load`` for Zarr,
 * round-trip error of the Zarr store (float16 on disk): max abs error on all stored values (which lie in [0, 2]),
   that error relative to the value range 2, and the max abs error on the P and K entries whose value is in [0, 1],
+* content hashing of the store as the pipeline records and verifies it (``storage/digests.py``): seconds, ms per
+  image, MB/s of on-disk bytes, and the verification time extrapolated to VOC train_aug (10,582 images),
 * for context, the time of the refinement stage's dense CRF (pydensecrf, reference parameters, 10 iterations, run
   twice per image: fg and bg map) on a random 400 x 400 image with 3 labels, and read time / CRF time in %.
 
@@ -51,12 +53,14 @@ sys.path.insert(0, str(ROOT))
 
 from storage import cam_store  # noqa: E402
 from storage.cam_store import CamStore  # noqa: E402
+from storage.digests import content_digests, damaged_units  # noqa: E402
 
 BACKGROUND_OFFSET = 0.4  # as models/cam_inference.py (not imported: it needs torch)
 BYTES_TARGET = 0.25
 ERROR_TARGET = 1e-3
 CRF_RATIO_TARGET = 5.0  # percent
 CLASS_NAMES = [f"class{i}" for i in range(20)]
+VOC_TRAIN_AUG = 10582  # images whose CAMs the VOC pipeline stores (verification time extrapolated to them)
 
 
 # ---------------------------------------------------------------------------------------------- test data
@@ -228,6 +232,7 @@ def bench_zarr(root: Path, reference: Path, compressor: str, n_images: int, payl
     listed = len(store.ids())
     ids_s = time.perf_counter() - t0
     del store
+    verify = bench_verify(url, n_images, size)
     shutil.rmtree(url)
     return {"format": f"CamStore zarr float16, compressor={compressor!r}",
             "compressor": compressor, "default": compressor == cam_store.DEFAULT_COMPRESSOR,
@@ -236,8 +241,22 @@ def bench_zarr(root: Path, reference: Path, compressor: str, n_images: int, payl
             "read": {**throughput(n_images, payload, read_s + open_s),
                      "ms_per_image_median": 1e3 * float(np.median(per_image)),
                      "open_seconds": open_s, "load_only_ms_per_image": 1e3 * read_s / n_images},
-            "ids_listing": {"seconds": ids_s, "count": listed},
+            "ids_listing": {"seconds": ids_s, "count": listed}, "verify": verify,
             "roundtrip": errors.as_dict()}
+
+
+def bench_verify(url: str, n_images: int, size: int) -> dict:
+    """Content hashing of the store as the pipeline does it (storage/digests.py): once when the stage finishes
+    (``content_digests``), once more each time the finished stage is taken from the cache (``damaged_units``)."""
+    t0 = time.perf_counter()
+    digests = content_digests([url])
+    record_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    damaged = damaged_units(digests)
+    check_s = time.perf_counter() - t0
+    return {"units": len(digests), "damaged": len(damaged), "record_seconds": record_s, "check_seconds": check_s,
+            "check_ms_per_image": 1e3 * check_s / n_images, "check_MB_per_s_on_disk": size / 1e6 / check_s,
+            "check_seconds_voc_train_aug": check_s / n_images * VOC_TRAIN_AUG}
 
 
 def warm_up(root: Path, seed: int) -> None:
@@ -361,6 +380,8 @@ def main() -> None:
                "reference_bytes": ref["bytes"],
                "reference_read_ms_per_image": ref["read"]["ms_per_image"],
                "per_image_read_ms_cam_store": default["read"]["ms_per_image"],
+               "verify_ms_per_image": default["verify"]["check_ms_per_image"],
+               "verify_seconds_voc_train_aug": default["verify"]["check_seconds_voc_train_aug"],
                "targets": {"bytes_vs_reference_max": BYTES_TARGET, "max_abs_error_values_in_0_1": ERROR_TARGET,
                            "read_vs_crf_percent_max": CRF_RATIO_TARGET}}
     for comp, r in zarr_results.items():
