@@ -14,7 +14,7 @@ from models.cam_eval import DEFAULT_THRESHOLDS, ThresholdSweep
 from models.metrics import ConfusionMatrix
 from storage import fs
 from storage.cam_store import CamStore
-from storage.datasets.split_files import load_split_file
+from storage.datasets.split_files import load_split_with_masks
 from storage.datasets.voc_layout import DataError, Split
 from storage.images import read_mask, read_rgb
 from storage.plots import bar_chart_png, curves_png, overlay_png
@@ -50,7 +50,7 @@ def eval_cam(cfg: EvalCamConfig, store_url: str, split_url: str, out_dir: str, t
     the reference's own rule (argmax of P with its background channel). Writes ``cam_eval.json``, plots and
     overlays; returns the manifest. With ``shard='i/n'`` only every n-th image from i is scored and the counts are
     saved for :func:`merge_cam_eval`."""
-    split = _split_with_masks(split_url)
+    split = load_split_with_masks(split_url, "CAM evaluation")
     if shard is not None:
         return save_partial(out_dir, RESULTS_NAME, shard,
                             lambda: _accumulate(cfg, store_url, split, shard_items(split.ids, shard)))
@@ -60,16 +60,9 @@ def eval_cam(cfg: EvalCamConfig, store_url: str, split_url: str, out_dir: str, t
 def merge_cam_eval(shards: list[dict], cfg: EvalCamConfig, store_url: str, split_url: str, out_dir: str,
                    tracker: Tracker | None = None) -> dict:
     """The results of a sharded CAM evaluation (``shards``: the shards' manifests), as one unsharded pass gives."""
-    split = _split_with_masks(split_url)
+    split = load_split_with_masks(split_url, "CAM evaluation")
     return merge_partials(shards, out_dir, RESULTS_NAME,
                           lambda state: _report(cfg, split, state, out_dir, tracker or Tracker.null()))
-
-
-def _split_with_masks(split_url: str) -> Split:
-    split = load_split_file(split_url)
-    if not split.has_masks:
-        raise DataError(f"CAM evaluation needs masks; split {split.name!r} ({split_url}) has images without")
-    return split
 
 
 def _variants(cfg: EvalCamConfig) -> list[str]:

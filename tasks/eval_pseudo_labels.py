@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from models.metrics import IGNORE_INDEX, ConfusionMatrix
 from storage import fs
-from storage.datasets.split_files import load_split_file
+from storage.datasets.split_files import load_split_with_masks
 from storage.datasets.voc_layout import DataError, Split
 from storage.images import read_mask, read_rgb
 from storage.plots import bar_chart_png, overlay_png
@@ -37,7 +37,7 @@ def evaluate_pseudo_labels(split_url: str, label_dir: str, out_dir: str, tracker
     ``<name>_overlays/<id>.png`` for the first ``overlays`` images; logs them to the tracker. Returns the manifest.
     With ``shard='i/n'`` only every n-th image from i is scored and the counts are saved for
     :func:`merge_pseudo_label_eval`."""
-    split = _split_with_masks(split_url)
+    split = load_split_with_masks(split_url, "label evaluation")
     if shard is not None:
         return save_partial(out_dir, name, shard, lambda: _accumulate(split, shard_items(split.ids, shard),
                                                                        label_dir, name, overlays))
@@ -48,16 +48,9 @@ def evaluate_pseudo_labels(split_url: str, label_dir: str, out_dir: str, tracker
 def merge_pseudo_label_eval(shards: list[dict], split_url: str, label_dir: str, out_dir: str,
                             tracker: Tracker | None = None, name: str = PSEUDO_LABEL_EVAL) -> dict:
     """The results of a sharded label evaluation (``shards``: the shards' manifests), as one unsharded pass gives."""
-    split = _split_with_masks(split_url)
+    split = load_split_with_masks(split_url, "label evaluation")
     return merge_partials(shards, out_dir, name,
                           lambda state: _report(split, state, label_dir, out_dir, tracker or Tracker.null(), name))
-
-
-def _split_with_masks(split_url: str) -> Split:
-    split = load_split_file(split_url)
-    if not split.has_masks:
-        raise DataError(f"label evaluation needs masks; split {split.name!r} ({split_url}) has images without")
-    return split
 
 
 def _accumulate(split: Split, ids: list[str], label_dir: str, name: str, overlays: int) -> dict:

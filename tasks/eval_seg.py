@@ -32,7 +32,7 @@ from models.metrics import ConfusionMatrix
 from models.seg_inference import FUSIONS, canvas_probabilities, multiscale_logits
 from storage import checkpoints, fs
 from storage.datasets.segmentation import CanvasSet, collate_canvases
-from storage.datasets.split_files import load_split_file
+from storage.datasets.split_files import load_split_file, load_split_with_masks
 from storage.datasets.voc_layout import DataError, Split
 from storage.images import encode_mask_png, read_mask, read_rgb
 from storage.plots import bar_chart_png, overlay_png
@@ -236,10 +236,7 @@ def merge_seg_eval(shards: list[dict], cfg: EvalSegConfig, checkpoint: str, val_
 
 
 def _load_splits(val_split_url: str, test_split_url: str | None) -> tuple[Split, Split | None]:
-    val = load_split_file(val_split_url)
-    if not val.has_masks:
-        raise DataError(f"segmentation evaluation needs masks; split {val.name!r} ({val_split_url}) has images "
-                        "without")
+    val = load_split_with_masks(val_split_url, "segmentation evaluation")
     test = load_split_file(test_split_url) if test_split_url else None
     if test is not None and test.class_names != val.class_names:
         raise DataError(f"{test_split_url}: classes differ from those of the validation split {val_split_url}")

@@ -22,7 +22,7 @@ from models.optim import poly_schedule
 from storage import checkpoints, fs
 from storage.datasets.cam_training import EpochBatchSampler
 from storage.datasets.segmentation import SegTrainingSet, check_label_maps, pseudo_label_urls
-from storage.datasets.split_files import load_split_file
+from storage.datasets.split_files import load_split_file, load_split_with_masks
 from storage.datasets.voc_layout import DataError, Split
 from storage.reports import class_metrics, format_table
 from storage.tracking import Tracker
@@ -146,9 +146,7 @@ def train_seg(cfg: TrainSegConfig, train_split_url: str, pseudo_label_dir: str, 
     num_labels = len(split.class_names)
     label_urls = pseudo_label_urls(split, pseudo_label_dir)
     labels_digest = check_label_maps(list(label_urls.values()), num_labels)
-    val_split = load_split_file(val_split_url) if val_split_url else None
-    if val_split is not None and not val_split.has_masks:
-        raise DataError(f"validation needs masks; split {val_split.name!r} ({val_split_url}) has images without")
+    val_split = load_split_with_masks(val_split_url, "validation") if val_split_url else None
     if val_split is not None and val_split.class_names != split.class_names:
         raise DataError(f"{val_split_url}: classes differ from those of the training split {train_split_url}")
     # worker count does not change the data order or the weights, so it may differ on resume

@@ -32,3 +32,11 @@ def load_split_file(url: str) -> Split:
         return Split(data["root"], data["name"], tuple(data["class_names"]), data["ids"], labels, data["mask_urls"])
     except (KeyError, ValueError, IndexError) as err:
         raise DataError(f"{url}: not a valid split file ({err})") from err
+
+
+def load_split_with_masks(url: str, purpose: str) -> Split:
+    """A split file whose images all have ground-truth masks; ``purpose`` names what needs them in the error."""
+    split = load_split_file(url)
+    if not split.has_masks:
+        raise DataError(f"{purpose} needs masks; split {split.name!r} ({url}) has images without")
+    return split
