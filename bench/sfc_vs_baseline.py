@@ -57,7 +57,8 @@ from storage.plots import bar_chart_png  # noqa: E402
 from tasks.eval_cam import REFERENCE_RULE, RESULTS, eval_cam  # noqa: E402
 from tasks.infer_cams import infer_cams, load_cam_network, union_of_splits  # noqa: E402
 from tasks.prepare_data import prepare_data  # noqa: E402
-from tasks.train_cam import config_hash, resolve_device, train_cam  # noqa: E402
+from tasks.common import config_hash, resolve_device  # noqa: E402
+from tasks.train_cam import train_cam  # noqa: E402
 
 log = logging.getLogger("bench.sfc_vs_baseline")
 

@@ -9,7 +9,8 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision.models import resnet
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+BACKBONES = ("resnet_mini", "resnet18", "resnet34", "resnet50", "resnet101")
+MINI_WIDTHS = (32, 64, 128, 128)  # stage1..stage4 of resnet_mini: one BasicBlock each
 NORMS = ("frozen", "batch")
 
 
@@ -55,14 +56,15 @@ class ResNetBackbone(nn.Module):
         if not 0 <= trainable_from <= 4:
             raise ValueError(f"trainable_from must be in 0..4, got {trainable_from}")
         norm_layer = FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d
-        net = getattr(resnet, name)(weights=None, norm_layer=norm_layer)
+        net = resnet_mini(norm_layer) if name == "resnet_mini" else getattr(resnet, name)(weights=None,
+                                                                                           norm_layer=norm_layer)
         _set_last_stage_stride_one(net.layer4)
         self.name = name
         self.trainable_from = trainable_from
         self.stage0 = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.stage1, self.stage2, self.stage3, self.stage4 = net.layer1, net.layer2, net.layer3, net.layer4
-        expansion = 4 if isinstance(net.layer1[0], resnet.Bottleneck) else 1
-        self.channels = StageChannels(*(c * expansion for c in (64, 128, 256, 512)))
+        self.channels = StageChannels(*(block_out_channels(layer) for layer in (net.layer1, net.layer2, net.layer3,
+                                                                                 net.layer4)))
         for stage in self.stages[:trainable_from]:
             stage.requires_grad_(False)
 
@@ -97,6 +99,36 @@ class ResNetBackbone(nn.Module):
         missing = [k for k in missing if not k.endswith("num_batches_tracked")]
         if missing or unexpected:
             raise KeyError(f"backbone {self.name}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+
+
+def resnet_mini(norm_layer: type[nn.Module] = nn.BatchNorm2d) -> resnet.ResNet:
+    """A small torchvision-style ResNet for CPU runs: one BasicBlock per stage, widths 32-64-128-256 and a 3x3 stem.
+
+    About 1/20 of ResNet-18's multiply-adds at the same input size. The module names (conv1, bn1, layer1..4, fc)
+    are torchvision's, so its weights load and save as a torchvision-format state dict.
+    """
+    net = resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], norm_layer=norm_layer)
+    net.conv1 = nn.Conv2d(3, MINI_WIDTHS[0], 3, stride=2, padding=1, bias=False)
+    net.bn1 = norm_layer(MINI_WIDTHS[0])
+    in_channels = MINI_WIDTHS[0]
+    for index, (width, stride) in enumerate(zip(MINI_WIDTHS, (1, 2, 2, 2)), start=1):
+        downsample = None
+        if stride != 1 or in_channels != width:
+            downsample = nn.Sequential(nn.Conv2d(in_channels, width, 1, stride=stride, bias=False), norm_layer(width))
+        block = resnet.BasicBlock(in_channels, width, stride, downsample, norm_layer=norm_layer)
+        setattr(net, f"layer{index}", nn.Sequential(block))
+        in_channels = width
+    net.fc = nn.Linear(in_channels, 1000)
+    for module in net.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    return net
+
+
+def block_out_channels(layer: nn.Sequential) -> int:
+    """Output channels of a ResNet stage (its last block's last BatchNorm)."""
+    last = layer[-1]
+    return (last.bn3 if isinstance(last, resnet.Bottleneck) else last.bn2).num_features
 
 
 def fold_batchnorm(backbone: ResNetBackbone) -> ResNetBackbone:

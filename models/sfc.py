@@ -76,9 +76,7 @@ class SFCNet(nn.Module):
         )
         c4 = stage_channels[3]
         self.classifier = nn.Conv2d(c4, num_classes, 1, bias=False)
-        self.f9 = nn.Conv2d(3 + c4, c4, 1, bias=False)
-        for conv in self.new_layers():
-            nn.init.kaiming_normal_(conv.weight)
+        self.f9 = nn.Conv2d(3 + c4, c4, 1, bias=False)  # new layers keep PyTorch's default init, as the reference
 
     def new_layers(self) -> list[nn.Module]:
         """The layers SFC adds to the backbone (the 10x learning-rate group)."""

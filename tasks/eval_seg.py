@@ -42,7 +42,7 @@ from storage.tracking import Tracker
 from tasks.parallel import parallel_map
 from tasks.seg_crf import crf_labels
 from tasks.shards import empty_partial, merge_partials, save_partial, shard_items
-from tasks.train_cam import resolve_device
+from tasks.common import resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from storage.datasets.split_files import load_split_file
 from storage.datasets.voc_layout import Split
 from storage.tracking import Tracker
 from tasks.shards import merge_counts, parse_shard
-from tasks.train_cam import config_hash, resolve_device
+from tasks.common import config_hash, resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from tasks.label_maps import claim_out_dir, open_inputs, write_all
 from tasks.make_ir_labels import CrfConfig
 from tasks.parallel import default_workers
 from tasks.pseudo_label_worker import PseudoLabelJob
-from tasks.train_cam import resolve_device
+from tasks.common import resolve_device
 
 log = logging.getLogger(__name__)
 

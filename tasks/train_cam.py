@@ -1,7 +1,6 @@
 """Stage 1: train SFC's CAM network (MSDW losses + image bank re-sampling), resumable from checkpoints."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -29,6 +28,7 @@ from storage.datasets.voc_layout import Split
 from storage.reports import class_metrics, format_table
 from storage.tracking import Tracker
 from tasks import distributed
+from tasks.common import amp_enabled, config_hash, resolve_device
 from tasks.distributed import RankBatches, seeded_model
 from tasks.resume import (finished_manifest, latest_training_state, loss_summary, rank_states,
                           restore_rank_state, report_step, restore_training_state, save_training_state, training_state)
@@ -111,24 +111,6 @@ class TrainCamConfig(BaseModel):
         if self.crop > high:
             raise ValueError(f"crop {self.crop} is larger than allowed: at most resize_long's upper bound {high}")
         return self
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def amp_enabled(requested: bool, device: torch.device) -> bool:
-    """Mixed precision where asked for and available (CUDA); elsewhere training stays in fp32, with a warning."""
-    if requested and device.type != "cuda":
-        log.warning("amp requested but the device is %s; training in fp32", device)
-    return requested and device.type == "cuda"
-
-
-def config_hash(cfg: BaseModel, *extra: str) -> str:
-    text = cfg.model_dump_json() + "".join(extra)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def build_model(cfg: TrainCamConfig, num_classes: int) -> SFCNet:

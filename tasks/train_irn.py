@@ -32,7 +32,7 @@ from tasks import distributed
 from tasks.distributed import RankBatches, seeded_model
 from tasks.resume import (latest_training_state, loss_summary, rank_states, report_step, restore_rank_state,
                           save_training_state)
-from tasks.train_cam import config_hash, resolve_device
+from tasks.common import config_hash, resolve_device
 
 log = logging.getLogger(__name__)
 

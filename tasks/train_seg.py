@@ -31,7 +31,7 @@ from tasks.distributed import RankBatches, seeded_model, sync_grads
 from tasks.eval_seg import EvalSegConfig, predict_probs, read_target
 from tasks.resume import (LOSS_WINDOW, finished_manifest, latest_training_state, rank_states, restore_rank_state,
                           report_step, restore_training_state, save_training_state, training_state)
-from tasks.train_cam import amp_enabled, config_hash, resolve_device
+from tasks.common import amp_enabled, config_hash, resolve_device
 
 log = logging.getLogger(__name__)
 

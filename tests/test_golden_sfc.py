@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from models.losses import sfc_step_losses
+from models.sfc import SFCNet
 from tests.golden_data import ATOL, RTOL, golden_model, load_golden
 
 
@@ -80,3 +81,16 @@ def test_golden_inference_with_folded_batchnorm():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert_close(out.cam, data["cam_s1.0"])
     assert_close(out.proto_cam, data["proto_s1.0"])
+
+
+def test_new_layers_keep_pytorch_default_initialisation():
+    """The reference never re-initialises its new layers: PyTorch's default conv init, U(-1/sqrt(fan_in),
+    1/sqrt(fan_in)), whose standard deviation is 1/sqrt(3 fan_in) (kaiming_normal would give sqrt(2/fan_in))."""
+    torch.manual_seed(0)
+    model = SFCNet(20, "resnet50")
+    for layer in model.new_layers():
+        weight = layer.weight.detach()
+        fan_in = weight.shape[1]
+        bound = 1 / fan_in ** 0.5
+        assert weight.abs().max() <= bound
+        assert abs(weight.std().item() - bound / 3 ** 0.5) < 0.05 * bound
