@@ -195,5 +195,21 @@ def convert_coco(instances: str, images: str, out: str, split: str, workers: int
     click.echo(json.dumps(summary, indent=2))
 
 
+@main.command("convert-sbd")
+@click.option("--sbd", required=True, help="the unpacked SBD folder, benchmark_RELEASE")
+@click.option("--voc", required=True, help="the VOC2012 folder (JPEGImages, ImageSets/Segmentation/{train,val}.txt)")
+@click.option("--workers", default=4, show_default=True, type=int)
+def convert_sbd(sbd: str, voc: str, workers: int) -> None:
+    """Write SBD's .mat masks as VOC2012/SegmentationClassAug/<id>.png and the train_aug list (SBD train + val +
+    VOC train, minus VOC val)."""
+    from storage.datasets.sbd import convert_sbd as convert
+
+    try:
+        summary = convert(sbd, voc, workers=workers)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(json.dumps(summary, indent=2))
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -31,6 +31,16 @@ class DataError(ValueError):
     """Bad dataset content; the message names the offending file or field."""
 
 
+def read_id_list(url: str) -> list[str]:
+    """The image ids of a split list file (one id per line)."""
+    if not fs.exists(url):
+        raise DataError(f"split list {url} not found")
+    ids = [line.split()[0] for line in fs.read_text(url).splitlines() if line.strip()]
+    if not ids:
+        raise DataError(f"split list {url} is empty")
+    return ids
+
+
 @dataclass
 class Split:
     """One split: its image ids, image-level labels (N, C) multi-hot over foreground classes, and file URLs."""
@@ -95,13 +105,7 @@ class VOCLayoutDataset:
         return {name[: -len(suffix)] for name in fs.listdir(url) if name.endswith(suffix)}
 
     def _read_list(self, split: str) -> list[str]:
-        url = fs.join(self.root, "ImageSets", "Segmentation", f"{split}.txt")
-        if not fs.exists(url):
-            raise DataError(f"split list {url} not found")
-        ids = [line.split()[0] for line in fs.read_text(url).splitlines() if line.strip()]
-        if not ids:
-            raise DataError(f"split list {url} is empty")
-        return ids
+        return read_id_list(fs.join(self.root, "ImageSets", "Segmentation", f"{split}.txt"))
 
     def split_ids(self, split: str) -> list[str]:
         """Ids of a split; ``train_aug`` is read from its list if present, else derived from what is on disk:
