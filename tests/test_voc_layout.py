@@ -6,7 +6,7 @@ import pytest
 
 from storage import fs
 from storage.datasets.split_files import load_split_file, save_split
-from storage.datasets.voc_layout import DataError, VOCLayoutDataset
+from storage.datasets.voc_layout import DataError, VOCLayoutDataset, list_entry_id
 from storage.images import write_mask, write_rgb
 from tasks.prepare_data import DataConfig, prepare_data
 
@@ -46,6 +46,17 @@ def voc(tmp_path):
 def test_train_aug_is_sbd_plus_train_minus_val(voc):
     ds = VOCLayoutDataset(voc, "voc")
     assert ds.split_ids("train_aug") == ["a", "b", "c", "s"]
+
+
+def test_reference_list_format_is_read_as_ids(voc):
+    """SFC's trainaug_voc.txt style: '/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png' per line."""
+    fs.write_text(f"{voc}/ImageSets/Segmentation/train_aug.txt",
+                  "/JPEGImages/a.jpg /SegmentationClassAug/a.png\n/JPEGImages/b.jpg /SegmentationClassAug/b.png\n\n"
+                  "JPEGImages/s.JPG\nc\n")
+    ds = VOCLayoutDataset(voc, "voc")
+    assert ds.split_ids("train_aug") == ["a", "b", "s", "c"]
+    assert ds.load_split("train_aug").ids == ["a", "b", "s", "c"]
+    assert list_entry_id("2007_000032.v2 extra") == "2007_000032.v2"  # only image extensions are dropped
 
 
 def test_labels_from_xml_or_masks(voc, tmp_path):

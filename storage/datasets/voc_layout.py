@@ -4,13 +4,15 @@
     root/Annotations/<id>.xml                    (optional: image-level labels come from masks without it)
     root/SegmentationClass/<id>.png              (VOC masks)
     root/SegmentationClassAug/<id>.png           (SBD-augmented masks, optional)
-    root/ImageSets/Segmentation/<split>.txt      (one id per line)
+    root/ImageSets/Segmentation/<split>.txt      (one id per line, or the reference's
+                                                  /JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png)
     root/class_names.txt                         (optional, background first)
 """
 from __future__ import annotations
 
 import json
 import logging
+import posixpath
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,17 +27,26 @@ from storage.images import IGNORE_INDEX, BadImageError, image_size, read_mask, v
 log = logging.getLogger(__name__)
 
 TRAIN_AUG = "train_aug"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
 class DataError(ValueError):
     """Bad dataset content; the message names the offending file or field."""
 
 
+def list_entry_id(line: str) -> str:
+    """The image id of one split-list line: ``<id>``, or the reference's ``/JPEGImages/<id>.jpg
+    /SegmentationClassAug/<id>.png`` (the first path's file name without its image extension)."""
+    name = posixpath.basename(line.split()[0])
+    stem, extension = posixpath.splitext(name)
+    return stem if extension.lower() in IMAGE_EXTENSIONS else name
+
+
 def read_id_list(url: str) -> list[str]:
-    """The image ids of a split list file (one id per line)."""
+    """The image ids of a split list file (one entry per line, see :func:`list_entry_id`)."""
     if not fs.exists(url):
         raise DataError(f"split list {url} not found")
-    ids = [line.split()[0] for line in fs.read_text(url).splitlines() if line.strip()]
+    ids = [list_entry_id(line) for line in fs.read_text(url).splitlines() if line.strip()]
     if not ids:
         raise DataError(f"split list {url} is empty")
     return ids
