@@ -2,7 +2,7 @@
 
     root/JPEGImages/<id>.jpg
     root/Annotations/<id>.xml                    (optional: image-level labels come from masks without it)
-    root/SegmentationClass/<id>.png              (VOC masks)
+    root/SegmentationClass/<id>.png              (VOC masks, preferred where both exist)
     root/SegmentationClassAug/<id>.png           (SBD-augmented masks, optional)
     root/ImageSets/Segmentation/<split>.txt      (one id per line, or the reference's
                                                   /JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png)
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 TRAIN_AUG = "train_aug"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+MASK_FOLDERS = ("SegmentationClass", "SegmentationClassAug")  # an image's mask: the first folder holding it
 
 
 class DataError(ValueError):
@@ -97,7 +98,9 @@ class VOCLayoutDataset:
         self.label_cache = label_cache
         self.class_names = self._read_class_names()
         self._index = {name: i for i, name in enumerate(self.class_names)}
-        self._mask_dirs = {d: self._listing(d, ".png") for d in ("SegmentationClassAug", "SegmentationClass")}
+        # VOC's own masks first, SBD's as the fallback: the reference scores seeds, pseudo labels and val against
+        # SegmentationClass, and SBD's masks of the same images differ (docs/method.md section 8)
+        self._mask_dirs = {d: self._listing(d, ".png") for d in MASK_FOLDERS}
         self._annotations = self._listing("Annotations", ".xml")
 
     def _read_class_names(self) -> tuple[str, ...]:
@@ -131,6 +134,7 @@ class VOCLayoutDataset:
         return ids
 
     def mask_url(self, image_id: str) -> str | None:
+        """The image's mask in the first of :data:`MASK_FOLDERS` that holds one; None without."""
         for folder, ids in self._mask_dirs.items():
             if image_id in ids:
                 return fs.join(self.root, folder, f"{image_id}.png")
