@@ -145,34 +145,40 @@ class VOCLayoutDataset:
         label are dropped and counted in the log; with ``'error'`` the first one raises a :class:`DataError`.
         ``labels_required=False`` (a test split) keeps images without labels, with an all-zero label row."""
         ids = self.split_ids(split)
-        labels = self._labels(split, ids)
-        kept, rows, bad = [], [], []
-        for image_id in ids:
-            row = labels.get(image_id)
-            problem = row if isinstance(row, str) else (None if row.any() else "image has no class label")
-            if problem is not None and not labels_required:
-                row, problem = np.zeros(len(self.class_names) - 1, dtype=np.float32), None
-            if problem is None:
-                kept.append(image_id)
-                rows.append(row)
-                continue
-            message = f"{self._label_source(image_id)}: {problem}"
+        labels, problems = self.image_labels(ids)
+        if not labels_required:
+            labels.update({i: np.zeros(len(self.class_names) - 1, dtype=np.float32) for i in problems})
+            problems = {}
+        if problems:
+            first = next(iter(problems.values()))
             if on_bad_data == "error":
-                raise DataError(message)
-            bad.append(message)
-        if bad:
-            log.warning("split %s: skipped %d bad images (first: %s)", split, len(bad), bad[0])
+                raise DataError(first)
+            log.warning("split %s: skipped %d bad images (first: %s)", split, len(problems), first)
+        kept = [i for i in ids if i in labels]
         if not kept:
             raise DataError(f"split {split!r} of {self.root} has no usable images")
+        rows = [labels[i] for i in kept]
         mask_urls = {i: url for i in kept if (url := self.mask_url(i)) is not None}
         return Split(self.root, split, self.class_names, kept, np.stack(rows).astype(np.float32), mask_urls)
+
+    def image_labels(self, ids: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """The image-level labels of ``ids`` (multi-hot rows), and {id: 'file: problem'} for those whose label
+        cannot be read or is empty."""
+        labels, problems = {}, {}
+        for image_id, row in self._labels(ids).items():
+            problem = row if isinstance(row, str) else (None if row.any() else "image has no class label")
+            if problem is None:
+                labels[image_id] = row
+            else:
+                problems[image_id] = f"{self._label_source(image_id)}: {problem}"
+        return labels, problems
 
     def _label_source(self, image_id: str) -> str:
         if image_id in self._annotations:
             return fs.join(self.root, "Annotations", f"{image_id}.xml")
         return self.mask_url(image_id) or fs.join(self.root, "JPEGImages", f"{image_id}.jpg")
 
-    def _labels(self, split: str, ids: Sequence[str]) -> dict[str, np.ndarray | str]:
+    def _labels(self, ids: Sequence[str]) -> dict[str, np.ndarray | str]:
         """Image-level labels per id (or an error string), from XML annotations, else masks; cached as JSON."""
         cached = self._read_cache()
         todo = [i for i in ids if i not in cached]
