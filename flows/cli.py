@@ -33,10 +33,14 @@ def _stage_list(stages: str | None) -> list[str] | None:
 
 
 def _run_flow(cfg, stages: str | None, start: str | None) -> None:
+    from flows.dry_run import weights_problems
     from flows.pipeline import run_pipeline
     from storage.datasets.voc_layout import DataError
 
     try:
+        missing = weights_problems(cfg, _stage_list(stages), start)
+        if missing:
+            raise click.ClickException("\n  ".join(["missing weights:", *missing]))
         summary = run_pipeline(cfg, _stage_list(stages), start)
     except (DataError, ValueError) as err:
         raise click.ClickException(str(err)) from None
@@ -53,11 +57,20 @@ FROM_HELP = "run this stage and every stage after it"
 @click.option("--config", "-c", default="configs/synthetic.yaml", show_default=True, help=CONFIG_HELP)
 @click.option("--stages", default=None, help=STAGES_HELP)
 @click.option("--from", "start", default=None, help=FROM_HELP)
+@click.option("--dry-run", is_flag=True, help="check the data folder, weights files and configuration and print "
+              "what the run would do; run nothing (exit status 1 when something is missing)")
 @click.argument("overrides", nargs=-1)
-def run(config: str, stages: str | None, start: str | None, overrides: tuple[str, ...]) -> None:
+def run(config: str, stages: str | None, start: str | None, dry_run: bool, overrides: tuple[str, ...]) -> None:
     """Run the pipeline flow. OVERRIDES are dotted assignments such as train_cam.max_steps=100. Stages that
     already finished in this run directory with the same inputs, config and code are not redone."""
-    _run_flow(_load(config, overrides), stages, start)
+    cfg = _load(config, overrides)
+    if dry_run:
+        from flows.dry_run import dry_run as check
+
+        report = check(cfg, _stage_list(stages), start)
+        click.echo(report.text(), nl=False)
+        raise SystemExit(1 if report.problems else 0)
+    _run_flow(cfg, stages, start)
 
 
 def _locate(run_name: str, root: str):
@@ -190,6 +203,22 @@ def convert_coco(instances: str, images: str, out: str, split: str, workers: int
 
     try:
         summary = convert(instances, images, out, split, link_images=not copy_images, workers=workers)
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(json.dumps(summary, indent=2))
+
+
+@main.command("convert-sbd")
+@click.option("--sbd", required=True, help="the unpacked SBD folder, benchmark_RELEASE")
+@click.option("--voc", required=True, help="the VOC2012 folder (JPEGImages, ImageSets/Segmentation/{train,val}.txt)")
+@click.option("--workers", default=4, show_default=True, type=int)
+def convert_sbd(sbd: str, voc: str, workers: int) -> None:
+    """Write SBD's .mat masks as VOC2012/SegmentationClassAug/<id>.png and the train_aug list (SBD train + val +
+    VOC train, minus VOC val)."""
+    from storage.datasets.sbd import convert_sbd as convert
+
+    try:
+        summary = convert(sbd, voc, workers=workers)
     except ValueError as err:
         raise click.ClickException(str(err)) from None
     click.echo(json.dumps(summary, indent=2))

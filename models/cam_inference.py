@@ -1,4 +1,4 @@
-"""Multi-scale + flip CAM inference and fusion (method doc section 6), and the inference loop of the CAM stage."""
+"""Multi-scale + flip CAM inference and fusion (docs/method.md section 6), and the inference loop of the CAM stage."""
 from __future__ import annotations
 
 import time

@@ -1,4 +1,4 @@
-"""Distribution coefficients of the MSDW loss (method doc section 5)."""
+"""Distribution coefficients of the MSDW loss (docs/method.md section 5)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -36,7 +36,7 @@ def distribution_weights(
     """Per-class weights (C,) with mean 1, in the order of ``class_names`` (foreground only).
 
     - ``voc``: the reference's VOC table, ``ben / (N + 396)`` normalised; needs the 20 VOC class names.
-    - ``counts``: option (a) of the method doc, ``1 / (N_c + R)`` normalised, from the training-list counts.
+    - ``counts``: option (a) of docs/method.md section 5, ``1 / (N_c + R)`` normalised, from the training-list counts.
     - ``uniform``: all ones (the "without distribution coefficient" ablation).
     """
     if mode == "uniform":

@@ -1,6 +1,6 @@
 """Dense CRF (Krähenbühl & Koltun) through pydensecrf: the one CRF implementation of the project.
 
-Used for SFC's inter-pixel-relation labels (unary from hard labels, method doc section 7.1), for the ``crf``
+Used for SFC's inter-pixel-relation labels (unary from hard labels, docs/method.md section 7.1), for the ``crf``
 refinement method, and for the segmentation stage's post-processing (unary from probabilities, deeplab-style
 parameters). pydensecrf is imported lazily so the rest of ``models`` stays importable with torch + numpy alone.
 """

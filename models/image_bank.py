@@ -1,4 +1,4 @@
-"""Image Bank Re-sampling (IBR, method doc section 4): one slot per class holding the most recent training crop
+"""Image Bank Re-sampling (IBR, docs/method.md section 4): one slot per class holding the most recent training crop
 that contains the class; each step a few uniformly drawn slots are appended to the batch."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Confident inter-pixel-relation (IR) labels from fused CAMs with two dense CRFs (method doc section 7.1)."""
+"""Confident inter-pixel-relation (IR) labels from fused CAMs with two dense CRFs (docs/method.md section 7.1)."""
 from __future__ import annotations
 
 import numpy as np

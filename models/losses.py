@@ -1,4 +1,4 @@
-"""SFC's training objective: classification + MSDW consistency losses (method doc section 4)."""
+"""SFC's training objective: classification + MSDW consistency losses (docs/method.md section 4)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

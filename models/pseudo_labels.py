@@ -1,4 +1,4 @@
-"""Pseudo labels from the stored CAMs (method doc section 7.3): random walk on an IRN boundary map, dense CRF, or
+"""Pseudo labels from the stored CAMs (docs/method.md section 7.3): random walk on an IRN boundary map, dense CRF, or
 the plain CAM argmax. Pure torch/numpy (the CRF path needs pydensecrf, imported lazily by ``models.crf``)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""IRN's random-walk propagation of CAMs over an inter-pixel affinity from a boundary map (method doc section 7.3),
+"""IRN's random-walk propagation of CAMs over an inter-pixel affinity from a boundary map (docs/method.md section 7.3),
 with a sparse transition matrix: memory grows linearly with the number of pixels.
 
 The reference builds the dense (HW, HW) affinity, raises it to ``beta``, column-normalises it into T and squares

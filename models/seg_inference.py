@@ -1,4 +1,4 @@
-"""Batched multi-scale + flip inference of a segmenter on padded canvases (method doc section 9).
+"""Batched multi-scale + flip inference of a segmenter on padded canvases (docs/method.md section 9).
 
 Images arrive as a batch of equal canvases (each image at the top-left, padded with the normalised mean, i.e. 0, as
 Caffe DeepLab's 513 x 513 test input). Per scale the whole batch is resized once (bilinear, as deeplab-pytorch's

@@ -1,6 +1,6 @@
-"""Image transforms. CAM training (method doc section 4): random long-side resize (bicubic), ImageNet normalisation,
-horizontal flip, random crop into a zero canvas with a valid-pixel mask. Segmentation training (section 9,
-deeplab-pytorch): random scale of image and label, normalisation, padded random crop, horizontal flip."""
+"""Image transforms. CAM training (docs/method.md section 4): random long-side resize (bicubic), ImageNet
+normalisation, horizontal flip, random crop into a zero canvas with a valid-pixel mask. Segmentation training
+(section 9, deeplab-pytorch): random scale of image and label, normalisation, padded random crop, horizontal flip."""
 from __future__ import annotations
 
 import numpy as np

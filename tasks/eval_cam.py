@@ -30,7 +30,7 @@ REFERENCE_RULE = "P (reference rule)"
 
 
 class EvalCamConfig(BaseModel):
-    """CAM evaluation (method doc section 8)."""
+    """CAM evaluation (docs/method.md section 8)."""
 
     model_config = ConfigDict(extra="forbid")
     proto_weights: list[float] = Field(

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 class InferCamConfig(BaseModel):
-    """CAM inference (method doc section 6)."""
+    """CAM inference (docs/method.md section 6)."""
 
     model_config = ConfigDict(extra="forbid")
     scales: tuple[float, ...] = DEFAULT_SCALES

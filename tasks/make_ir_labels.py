@@ -1,4 +1,4 @@
-"""Stage 3a: confident inter-pixel-relation (IR) labels from the stored CAMs with two dense CRFs (method doc
+"""Stage 3a: confident inter-pixel-relation (IR) labels from the stored CAMs with two dense CRFs (docs/method.md
 section 7.1), one palette PNG per image (0 background, c foreground, 255 ignore), the training labels of IRN."""
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class CrfConfig(BaseModel):
 
 
 class IrLabelConfig(BaseModel):
-    """IR labels (method doc section 7.1)."""
+    """IR labels (docs/method.md section 7.1)."""
 
     model_config = ConfigDict(extra="forbid")
     proto_weight: float = Field(0.7, ge=0, description="scores are K + proto_weight * P")

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 class PseudoLabelConfig(BaseModel):
-    """Pseudo labels (method doc section 7.3); random-walk defaults are the reference's ``make_seg_labels``."""
+    """Pseudo labels (docs/method.md section 7.3); random-walk defaults are the reference's ``make_seg_labels``."""
 
     model_config = ConfigDict(extra="forbid")
     method: Literal["irn", "crf", "none"] = "irn"

@@ -1,4 +1,4 @@
-"""Access to the reference implementation's golden tensors (copied from shared/golden into tests/golden)."""
+"""Access to the reference implementation's golden tensors in tests/golden (``SFC_GOLDEN_DIR`` overrides the folder)."""
 from __future__ import annotations
 
 import os
@@ -16,7 +16,7 @@ RTOL, ATOL = 1e-4, 1e-5
 def load_golden(name: str) -> dict[str, np.ndarray]:
     path = GOLDEN_DIR / f"{name}.npz"
     if not path.exists():
-        raise FileNotFoundError(f"golden file {path} is missing (set SFC_GOLDEN_DIR to shared/golden)")
+        raise FileNotFoundError(f"golden file {path} is missing (SFC_GOLDEN_DIR names the golden folder)")
     with np.load(path) as data:
         return {key: data[key] for key in data.files}
 

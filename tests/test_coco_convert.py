@@ -10,14 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from storage.datasets.coco import (
-    CocoFormatError,
-    convert_coco,
-    decode_rle,
-    decode_rle_string,
-    encode_rle,
-    encode_rle_string,
-)
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from storage.datasets.coco import CocoFormatError, convert_coco, decode_rle_string, rasterise
 from storage.datasets.voc_layout import VOCLayoutDataset
 from storage.images import read_mask
 
@@ -31,7 +27,7 @@ IMG_CROWD_ONLY = "COCO_train2014_000000000050"
 
 
 def rect(x0: int, y0: int, x1: int, y1: int) -> list[float]:
-    """Polygon of the closed pixel rectangle [x0, x1] x [y0, y1] (PIL fills the outline too)."""
+    """Polygon of the rectangle [x0, x1] x [y0, y1]; pycocotools fills pixels x0..x1-1, y0..y1-1."""
     return [x0, y0, x1, y0, x1, y1, x0, y1]
 
 
@@ -85,17 +81,40 @@ def coco(tmp_path: Path) -> tuple[str, str, str]:
     return instances, str(tmp_path / "train2014"), str(tmp_path / "voc_coco")
 
 
-def expected_masks() -> dict[str, np.ndarray]:
+def expected_masks(instances: str) -> dict[str, np.ndarray]:
+    """The masks of the listed images from pycocotools' own COCO.annToMask: crowd regions 255, then the other
+    instances, largest first."""
+    coco = COCO(instances)
+    class_of = {cat_id: index + 1 for index, cat_id in enumerate(sorted(coco.getCatIds()))}
+    out = {}
+    for image_id, stem in ((9, IMG_OVERLAP), (25, IMG_CROWD), (30, IMG_COMPRESSED)):
+        info = coco.imgs[image_id]
+        mask = np.zeros((info["height"], info["width"]), np.uint8)
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=[image_id], iscrowd=None))
+        for ann in anns:
+            if ann["iscrowd"]:
+                mask[coco.annToMask(ann) > 0] = 255
+        things = [(coco.annToMask(ann) > 0, ann) for ann in anns if not ann["iscrowd"]]
+        for region, ann in sorted(things, key=lambda t: -int(t[0].sum())):
+            mask[region] = class_of[ann["category_id"]]
+        out[stem] = mask
+    return out
+
+
+def test_expected_masks_by_hand(coco):
+    """The pycocotools oracle agrees with a hand reading: polygons cover [x0, x1) x [y0, y1), not their outline."""
+    masks = expected_masks(coco[0])
     overlap = np.zeros((8, 10), np.uint8)
-    overlap[0:6, 0:8] = PERSON
-    overlap[1:4, 2:5] = AIRPLANE
+    overlap[0:5, 0:7] = PERSON
+    overlap[1:3, 2:4] = AIRPLANE
     crowd = np.zeros((6, 5), np.uint8)
     crowd[:, 0:2] = 255
-    crowd[4:6, 1:4] = PERSON
+    crowd[4:5, 1:3] = PERSON
     compressed = np.zeros((4, 5), np.uint8)
     # column-major flat indices 3, 4 and 9 are set: (row 3, col 0), (row 0, col 1), (row 1, col 2)
     compressed[3, 0] = compressed[0, 1] = compressed[1, 2] = AIRPLANE
-    return {IMG_OVERLAP: overlap, IMG_CROWD: crowd, IMG_COMPRESSED: compressed}
+    for stem, expected in {IMG_OVERLAP: overlap, IMG_CROWD: crowd, IMG_COMPRESSED: compressed}.items():
+        np.testing.assert_array_equal(masks[stem], expected)
 
 
 # ------------------------------------------------------------------------------------------------------ RLE
@@ -110,30 +129,60 @@ def test_decode_rle_string_hand_encoded():
     # [5, 50, 5, 10]: 50 -> groups 18 (sign bit set, so continue: 18 | 0x20 = 50 -> 'b') and 1 -> '1';
     # 10 - 50 = -40 -> groups 24 | 0x20 = 56 -> 'h', then 30 (sign, ends) -> 'N'
     assert decode_rle_string("5b15hN") == [5, 50, 5, 10]
-    assert encode_rle_string([3, 2, 4, 1, 10]) == "324O6"
-    assert encode_rle_string([5, 50, 5, 10]) == "5b15hN"
-
-
-def test_rle_round_trip_random_masks():
-    rng = np.random.default_rng(1)
-    for _ in range(20):
-        h, w = rng.integers(1, 40, 2)
-        mask = rng.random((h, w)) < rng.random()
-        counts = encode_rle(mask)
-        assert sum(counts) == h * w
-        np.testing.assert_array_equal(decode_rle(counts, h, w), mask)
-        assert decode_rle_string(encode_rle_string(counts)) == counts
-
-
-def test_decode_rle_is_column_major():
-    mask = decode_rle([1, 2, 3], 2, 3)  # flat column-major 0 1 1 0 0 0
-    np.testing.assert_array_equal(mask, [[False, True, False], [True, False, False]])
-    with pytest.raises(ValueError, match="sum to 5"):
-        decode_rle([1, 4], 2, 3)
+    # pycocotools encodes those counts to the same strings
+    assert mask_utils.frPyObjects({"counts": [3, 2, 4, 1, 10], "size": [4, 5]}, 4, 5)["counts"] == b"324O6"
+    assert mask_utils.frPyObjects({"counts": [5, 50, 5, 10], "size": [7, 10]}, 7, 10)["counts"] == b"5b15hN"
     with pytest.raises(ValueError, match="ends inside a count"):
         decode_rle_string("T")
     with pytest.raises(ValueError, match="invalid character"):
         decode_rle_string("3 2")
+
+
+def _column_major_runs(mask: np.ndarray) -> list[int]:
+    """Uncompressed COCO RLE counts: column-major runs, starting with a (possibly empty) background run."""
+    flat = mask.T.reshape(-1)
+    bounds = np.concatenate([[0], np.flatnonzero(flat[1:] != flat[:-1]) + 1, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    return [0, *runs] if flat[0] else runs
+
+
+def test_rasterise_equals_pycocotools_on_random_segmentations():
+    """50 random polygon sets (float vertices, some partly outside the image) and 20 random masks as uncompressed
+    and compressed RLE, each against pycocotools' annToMask, pixel for pixel."""
+    rng = np.random.default_rng(1)
+    height, width = 23, 31
+    annotations = []
+    for _ in range(50):
+        polygons = [rng.uniform(-3, 34, 2 * int(rng.integers(3, 9))).round(2).tolist()
+                    for _ in range(int(rng.integers(1, 3)))]
+        annotations.append({"segmentation": polygons, "iscrowd": 0})
+    for _ in range(20):
+        mask = rng.random((height, width)) < rng.random()
+        compressed = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode()
+        for counts in (_column_major_runs(mask), compressed):
+            annotations.append({"segmentation": {"counts": counts, "size": [height, width]}, "iscrowd": 1})
+    for k, ann in enumerate(annotations):
+        ann.update(id=k + 1, image_id=1, category_id=1)
+    coco = COCO()
+    coco.dataset = {"images": [{"id": 1, "height": height, "width": width, "file_name": "x.jpg"}],
+                    "annotations": annotations, "categories": [{"id": 1, "name": "thing"}]}
+    coco.createIndex()
+    differing = 0
+    for ann in annotations:
+        ours = rasterise(ann["segmentation"], height, width)
+        assert ours.shape == (height, width)
+        differing += int((ours != coco.annToMask(ann).astype(bool)).sum())
+    assert differing == 0
+    assert sum(rasterise(a["segmentation"], height, width).any() for a in annotations[:50]) >= 40  # not all empty
+
+
+def test_degenerate_polygons_rasterise_to_nothing():
+    square = rect(1, 1, 5, 5)
+    expected = rasterise([square], 8, 8)
+    assert expected.sum() == 16
+    # pycocotools refuses a list that starts with a polygon of fewer than 3 points; such polygons cover nothing
+    np.testing.assert_array_equal(rasterise([[2, 2], square, [1, 1, 6, 6]], 8, 8), expected)
+    assert not rasterise([[3, 3, 4, 4]], 8, 8).any() and not rasterise([], 8, 8).any()
 
 
 # -------------------------------------------------------------------------------------------------- convert
@@ -147,7 +196,7 @@ def test_convert_writes_voc_layout(coco):
     assert (root / "class_names.txt").read_text() == "background\nperson\nairplane\ntoothbrush\n"
     listed = (root / "ImageSets/Segmentation/train.txt").read_text().split()
     assert listed == sorted([IMG_OVERLAP, IMG_CROWD, IMG_COMPRESSED])
-    for image_id, expected in expected_masks().items():
+    for image_id, expected in expected_masks(instances).items():
         np.testing.assert_array_equal(read_mask(str(root / "SegmentationClass" / f"{image_id}.png")), expected)
         jpeg = root / "JPEGImages" / f"{image_id}.jpg"
         assert os.path.samefile(jpeg, Path(images_dir) / f"{image_id}.jpg")  # hard link
@@ -172,7 +221,7 @@ def test_rerun_is_a_noop_and_resumes(coco):
     lost = Path(out) / "SegmentationClass" / f"{IMG_CROWD}.png"
     lost.unlink()
     assert convert_coco(instances, images_dir, out, "train") == first
-    np.testing.assert_array_equal(read_mask(str(lost)), expected_masks()[IMG_CROWD])
+    np.testing.assert_array_equal(read_mask(str(lost)), expected_masks(instances)[IMG_CROWD])
     after = snapshot()
     assert {p: v for p, v in after.items() if p != lost} == {p: v for p, v in before.items() if p != lost}
 

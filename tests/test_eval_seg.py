@@ -12,8 +12,8 @@ from PIL import Image
 import tasks.eval_seg as eval_module
 from storage import checkpoints, fs
 from storage.datasets.split_files import load_split_file, save_split
-from storage.datasets.voc_layout import DataError
-from storage.images import read_mask, write_mask
+from storage.datasets.voc_layout import DataError, Split
+from storage.images import read_mask, read_rgb, write_mask, write_rgb
 from tasks.eval_seg import VOC_RESULTS_DIR, EvalSegConfig, eval_seg
 from tasks.train_seg import TrainSegConfig, train_seg
 from tests.synthetic_splits import synthetic_split_files
@@ -100,3 +100,35 @@ def test_validation_split_without_masks_is_refused(data, tmp_path):
     save_split(str(tmp_path / "val.json"), val)
     with pytest.raises(DataError, match="needs masks"):
         eval_seg(EvalSegConfig(**FAST), data["checkpoint"], str(tmp_path / "val.json"), str(tmp_path), "cpu")
+
+
+def _shifted_square(model, split, ids, cfg, device):
+    """A predictor that finds the square 2 pixels to the right of where it is, with confidence 0.8."""
+    for image_id in ids:
+        probs = np.zeros((len(split.class_names), 32, 32), np.float32)
+        probs[0], probs[1] = 0.8, 0.2
+        probs[0, 8:24, 10:26], probs[1, 8:24, 10:26] = 0.2, 0.8
+        yield image_id, probs
+
+
+def test_two_tone_square_under_the_crf(data, tmp_path, monkeypatch):
+    """Grey 200 square (rows and columns 8..23) on grey 40, JPEG-exact (8x8 blocks, no chroma). Found 2 pixels to
+    the right, it scores by hand: background IoU 736 / 800, square 224 / 288, mIoU 0.8489; the CRF snaps the
+    prediction to the square's edges: mIoU 1."""
+    class_names = load_split_file(data["val"]).class_names
+    root = tmp_path / "square"
+    image = np.full((32, 32, 3), 40, np.uint8)
+    image[8:24, 8:24] = 200
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 1
+    write_rgb(str(root / "JPEGImages" / "sq.jpg"), image, quality=100)
+    assert np.array_equal(read_rgb(str(root / "JPEGImages" / "sq.jpg")), image)
+    write_mask(str(root / "SegmentationClass" / "sq.png"), mask)
+    labels = np.zeros((1, len(class_names) - 1), np.float32)
+    labels[0, 0] = 1
+    split = Split(str(root), "square", class_names, ["sq"], labels, {"sq": str(root / "SegmentationClass/sq.png")})
+    save_split(str(tmp_path / "square.json"), split)
+    monkeypatch.setattr(eval_module, "predict_probs", _shifted_square)
+    manifest = eval_seg(EvalSegConfig(**FAST), data["checkpoint"], str(tmp_path / "square.json"), str(tmp_path), "cpu")
+    assert manifest["summary"]["val_miou"] == pytest.approx((736 / 800 + 224 / 288) / 2)
+    assert manifest["summary"]["val_miou_crf"] == 1.0

@@ -1,15 +1,21 @@
-"""CAM inference into the store (resume, shards, bad checkpoints) and CAM evaluation errors."""
+"""CAM inference into the store (resume, shards, bad checkpoints, values against the model) and CAM evaluation
+(known answers, errors)."""
+import json
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import models.cam_inference as cam_inference
+from models.cam_inference import multiscale_cams
 from models.sfc import SFCNet
-from storage import checkpoints
+from storage import checkpoints, fs
 from storage.cam_store import CamStore, CamStoreError
 from storage.datasets.split_files import load_split_file, save_split
 from storage.datasets.voc_layout import DataError
-from tasks.eval_cam import EvalCamConfig, eval_cam
+from storage.images import read_mask
+from tasks.eval_cam import REFERENCE_RULE, EvalCamConfig, eval_cam
 from tasks.infer_cams import InferCamConfig, infer_cams
 from tasks.shards import parse_shard
 from tests.interrupt import kill_on_call
@@ -128,3 +134,54 @@ def test_eval_errors_name_the_problem(setup, tmp_path):
     save_split(no_masks, split)
     with pytest.raises(DataError, match="needs masks"):
         eval_cam(EvalCamConfig(), str(tmp_path / "t.zarr"), no_masks, str(tmp_path / "m"))
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _reference_pair(image: Image.Image, scale: float) -> torch.Tensor:
+    """The reference's input at one scale, written out here: PIL bicubic to (round(H s), round(W s)),
+    (x / 255 - mean) / std per RGB channel, CHW, stacked with its horizontal flip."""
+    if scale != 1.0:
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+    x = (np.asarray(image, np.float32) / 255.0 - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD,
+                                                                                                   np.float32)
+    x = torch.from_numpy(x.transpose(2, 0, 1).copy())
+    return torch.stack([x, x.flip(-1)])
+
+
+def test_stored_cams_are_the_models_on_the_prepared_inputs(setup, tmp_path):
+    """store.load(id) equals multiscale_cams of the unfolded network on inputs prepared by the test, within the
+    store's float16 precision (values up to 2.4: half a float16 step is 1e-3)."""
+    root, urls, checkpoint, meta, model = setup
+    _infer(setup, tmp_path / "v.zarr")
+    store = CamStore.open(str(tmp_path / "v.zarr"))
+    split = load_split_file(urls["val"])
+    for row, image_id in enumerate(split.ids[:4]):
+        image = Image.open(split.image_url(image_id)).convert("RGB")
+        pairs = [_reference_pair(image, s) for s in CFG.scales]
+        label = torch.from_numpy(split.labels[row])
+        keys, proto_cam, cam = multiscale_cams(model, pairs, label, (image.height, image.width))
+        stored_keys, stored_proto, stored_cam = store.load(image_id)
+        assert stored_keys.tolist() == keys.tolist()
+        np.testing.assert_allclose(stored_proto, proto_cam.numpy(), rtol=1e-3, atol=2e-3, err_msg=image_id)
+        np.testing.assert_allclose(stored_cam, cam.numpy(), rtol=1e-3, atol=2e-3, err_msg=image_id)
+        assert cam[1:].max() > 1.9  # foreground x 2 after max-normalisation: the maps are not trivially flat
+
+
+def test_cams_equal_to_the_masks_score_one(setup, tmp_path):
+    """A perfect CAM (background 1 + 0.4 and foreground 2 on the mask's pixels, 0.4 and 0 elsewhere) gives mIoU 1
+    at every background threshold for P, K and the fused maps, and for the reference's argmax rule."""
+    root, urls, *_ = setup
+    split = load_split_file(urls["val"])
+    store = CamStore.create(str(tmp_path / "perfect.zarr"), "perfect", "perfect", split.class_names)
+    for row, image_id in enumerate(split.ids):
+        mask = read_mask(split.mask_url(image_id))
+        classes = np.flatnonzero(split.labels[row]) + 1
+        planes = np.stack([(mask == 0) + 0.4, *(2.0 * (mask == c) for c in classes)]).astype(np.float32)
+        store.write(image_id, np.concatenate([[0], classes]), planes, planes)
+    manifest = eval_cam(EvalCamConfig(overlays=0), str(tmp_path / "perfect.zarr"), urls["val"], str(tmp_path))
+    assert set(manifest["summary"]) == {"P", "K", "K+0.3P", "K+0.7P", REFERENCE_RULE}
+    assert all(entry["miou"] == pytest.approx(1.0) for entry in manifest["summary"].values())
+    results = json.loads(fs.read_text(manifest["results"]))["variants"]
+    assert all(value == pytest.approx(1.0) for value in results["K+0.3P"]["miou"])  # every threshold

@@ -8,6 +8,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 import tasks.ir_label_worker as ir_module
+from models.ir_labels import ir_label
 from models.irn import IRNet
 from models.metrics import ConfusionMatrix
 from storage import checkpoints
@@ -203,3 +204,41 @@ def test_evaluation_counts_ignore_as_background(setup, tmp_path):
     save_split(no_masks, split)
     with pytest.raises(DataError, match="needs masks"):
         evaluate_pseudo_labels(no_masks, str(labels_dir), str(tmp_path / "metrics"))
+
+
+def _miou(split, label_of) -> float:
+    """mIoU of the label maps ``label_of(image_id, mask)`` against the split's masks."""
+    scores = ConfusionMatrix(len(split.class_names))
+    for image_id in split.ids:
+        mask = read_mask(split.mask_url(image_id))
+        scores.update(mask, label_of(image_id, mask))
+    return scores.scores(split.class_names)["miou"]
+
+
+@pytest.mark.parametrize("method", ["none", "crf"])
+def test_pseudo_labels_are_far_better_than_all_background(setup, tmp_path, method):
+    """On CAMs made from the masks, the stage's labels score at least twice what all-background labels score."""
+    root, split_url, store_url, _ = setup
+    split = load_split_file(split_url)  # the module's split object is changed by another test
+    make_pseudo_labels(PseudoLabelConfig(method=method, workers=1), store_url, split_url, str(tmp_path), "cpu")
+    background = _miou(split, lambda image_id, mask: np.zeros_like(mask))
+    labels = _miou(split, lambda image_id, mask: read_mask(str(tmp_path / f"{image_id}.png")))
+    assert labels >= 2 * background, (labels, background)
+
+
+def test_ir_label_pngs_equal_ir_label_on_the_stored_cams(setup, tmp_path):
+    """The stage's PNGs are ir_label() of the image and its stored CAMs with the reference's arguments: scores
+    K + 0.7 P (K = the store's second map), background x 0.5 for the second CRF, label confidence 0.7."""
+    root, split_url, store_url, split = setup
+    make_ir_labels(SERIAL, store_url, split_url, str(tmp_path))
+    store = CamStore.open(store_url)
+    swapped_differs = False
+    for image_id in split.ids:
+        keys, proto_cam, cam = store.load(image_id)
+        image = read_rgb(split.image_url(image_id))
+        expected = ir_label(image, keys, cam=cam, proto_cam=proto_cam,
+                            proto_weight=0.7, bg_scale=0.5, gt_prob=0.7)
+        np.testing.assert_array_equal(read_mask(str(tmp_path / f"{image_id}.png")), expected, err_msg=image_id)
+        swapped = ir_label(image, keys, cam=proto_cam, proto_cam=cam)
+        swapped_differs |= not np.array_equal(swapped, expected)
+    assert swapped_differs  # the comparison can tell P from K

@@ -10,6 +10,7 @@ from models.optim import poly_sgd
 from storage.datasets.cam_training import EpochBatchSampler
 from storage.datasets.catalog import VOC_CLASSES
 from storage.transforms import augment_for_cam_training, random_crop
+from tests.golden_data import load_golden
 
 
 def test_bank_keeps_most_recent_image_per_class_and_samples_reproducibly():
@@ -54,8 +55,15 @@ def test_count_weights_follow_recipe_a():
     assert distribution_weights("uniform", ["a", "b"], counts[:2], 1, 1).tolist() == [1, 1]
     with pytest.raises(ValueError, match="needs the 20 VOC classes"):
         distribution_weights("voc", ["a", "b"], counts[:2], 1, 1)
+
+
+def test_voc_weights_are_the_reference_class_weights():
+    """The 20 weights the reference's training loop applied (tests/golden/sfc_losses.npz, by VOC class index); the
+    counts and schedule arguments do not enter the voc table."""
+    reference = load_golden("sfc_losses")["class_weights"]
     voc = distribution_weights("voc", VOC_CLASSES[1:], np.zeros(20), 1, 1)
-    assert abs(voc.mean() - 1) < 1e-6 and round(float(voc[VOC_CLASSES.index("cow") - 1]), 4) == 1.7694
+    np.testing.assert_allclose(voc, reference, rtol=1e-6)
+    assert voc.dtype == np.float32 and voc.argmax() == VOC_CLASSES.index("cow") - 1
 
 
 def test_random_crop_pads_small_images_with_valid_mask():

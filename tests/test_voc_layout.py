@@ -6,8 +6,9 @@ import pytest
 
 from storage import fs
 from storage.datasets.split_files import load_split_file, save_split
-from storage.datasets.voc_layout import DataError, VOCLayoutDataset
+from storage.datasets.voc_layout import DataError, VOCLayoutDataset, list_entry_id
 from storage.images import write_mask, write_rgb
+from tasks.eval_pseudo_labels import evaluate_pseudo_labels
 from tasks.prepare_data import DataConfig, prepare_data
 
 
@@ -46,6 +47,17 @@ def voc(tmp_path):
 def test_train_aug_is_sbd_plus_train_minus_val(voc):
     ds = VOCLayoutDataset(voc, "voc")
     assert ds.split_ids("train_aug") == ["a", "b", "c", "s"]
+
+
+def test_reference_list_format_is_read_as_ids(voc):
+    """SFC's trainaug_voc.txt style: '/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png' per line."""
+    fs.write_text(f"{voc}/ImageSets/Segmentation/train_aug.txt",
+                  "/JPEGImages/a.jpg /SegmentationClassAug/a.png\n/JPEGImages/b.jpg /SegmentationClassAug/b.png\n\n"
+                  "JPEGImages/s.JPG\nc\n")
+    ds = VOCLayoutDataset(voc, "voc")
+    assert ds.split_ids("train_aug") == ["a", "b", "s", "c"]
+    assert ds.load_split("train_aug").ids == ["a", "b", "s", "c"]
+    assert list_entry_id("2007_000032.v2 extra") == "2007_000032.v2"  # only image extensions are dropped
 
 
 def test_labels_from_xml_or_masks(voc, tmp_path):
@@ -140,3 +152,20 @@ def test_optional_test_split_is_written_without_masks(voc, tmp_path):
     manifest = _prepare(voc, tmp_path, test_split="test")
     assert set(manifest["splits"]) == {"train", "val", "seed", "test"}
     assert load_split_file(manifest["splits"]["test"]).ids == ["t"]
+
+
+def test_scoring_masks_prefer_segmentation_class(voc, tmp_path):
+    """Where SegmentationClass and SegmentationClassAug both hold an image, the seed and val splits (and so the
+    CAM, pseudo-label and segmentation scores) use VOC's own SegmentationClass mask; SBD's is the fallback."""
+    _mask(voc, "a", [1, 1, 1, 1, 1], "SegmentationClassAug")  # SBD's version of a seed image: other pixels
+    _mask(voc, "v", [3, 3], "SegmentationClass")  # VOC's version of a val image
+    manifest = _prepare(voc, tmp_path, seed_split="train")
+    seed, val = (load_split_file(manifest["splits"][role]) for role in ("seed", "val"))
+    assert seed.mask_url("a") == f"{voc}/SegmentationClass/a.png"
+    assert val.mask_url("v") == f"{voc}/SegmentationClass/v.png"
+    assert load_split_file(manifest["splits"]["train"]).mask_url("b") == f"{voc}/SegmentationClassAug/b.png"
+    labels = str(tmp_path / "labels")
+    for image_id in seed.ids:  # labels equal to VOC's masks score 1.0 only against VOC's masks
+        fs.write_bytes(f"{labels}/{image_id}.png", fs.read_bytes(f"{voc}/SegmentationClass/{image_id}.png"))
+    result = evaluate_pseudo_labels(manifest["splits"]["seed"], labels, str(tmp_path / "metrics"), overlays=0)
+    assert result["miou"] == pytest.approx(1.0)

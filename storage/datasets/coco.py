@@ -17,10 +17,13 @@ Masks follow the WSSS convention:
 * then the non-crowd instances are painted over them, the largest (in rasterised pixels) first, so smaller objects
   stay visible on top of larger ones; ties are broken by the annotation's position in the JSON.
 
-Segmentations may be polygons (``[[x1, y1, x2, y2, ...], ...]``, rasterised with ``PIL.ImageDraw.polygon``,
-outline included), uncompressed RLE (``{"counts": [int, ...], "size": [h, w]}``, column-major, runs starting with
-zeros, as COCO stores crowd masks) or compressed RLE (``counts`` as a string, COCO's ``rleToString`` format), decoded
-here without pycocotools.
+Segmentations are rasterised exactly as pycocotools' ``COCO.annToMask`` does, the masks every COCO WSSS result is
+scored against: polygons (``[[x1, y1, x2, y2, ...], ...]``) through ``frPyObjects`` and ``merge``, uncompressed RLE
+(``{"counts": [int, ...], "size": [h, w]}``, column-major, as COCO stores crowd masks) and compressed RLE (``counts``
+as a string) through ``decode``. Before pycocotools sees them, polygons must have an even number of finite
+coordinates (those of fewer than 3 points are dropped: pycocotools rasterises them to nothing, but refuses a list
+that starts with one) and RLE counts must cover exactly H x W pixels (pycocotools' decoder does not check, and
+would write past the mask).
 
 Only images whose mask holds at least one class are written and listed (WSSS needs image-level labels; those come from
 the masks). Images without a non-crowd annotation (or whose instances rasterise to nothing) are skipped and counted in
@@ -39,14 +42,14 @@ import math
 import os
 import posixpath
 import uuid
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
+from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from storage import fs
@@ -65,7 +68,8 @@ class CocoFormatError(ValueError):
 # ----------------------------------------------------------------------------------------------------------- RLE
 
 def decode_rle_string(counts: str) -> list[int]:
-    """Run lengths of a COCO compressed RLE string (pycocotools' ``rleFrString``).
+    """Run lengths of a COCO compressed RLE string (the format of pycocotools' ``rleToString``), to check a string
+    before pycocotools decodes it.
 
     Each count is written in 5-bit groups, least significant first, as characters ``48 + group``; bit 0x20 of a
     character says another group follows and bit 0x10 of the last group is the sign. From the fourth count on
@@ -93,48 +97,17 @@ def decode_rle_string(counts: str) -> list[int]:
     return out
 
 
-def encode_rle_string(counts: Sequence[int]) -> str:
-    """COCO compressed RLE string of run lengths (pycocotools' ``rleToString``), the inverse of
-    :func:`decode_rle_string`."""
-    chars = []
-    for index, count in enumerate(counts):
-        value = int(count) - (int(counts[index - 2]) if index > 2 else 0)
-        more = True
-        while more:
-            group = value & 0x1F
-            value >>= 5
-            more = value != -1 if group & 0x10 else value != 0
-            chars.append(chr(48 + (group | (0x20 if more else 0))))
-    return "".join(chars)
-
-
-def decode_rle(counts: Sequence[int], height: int, width: int) -> np.ndarray:
-    """(H, W) bool mask of column-major run lengths that alternate background/foreground, starting with background."""
-    runs = np.asarray(counts, dtype=np.int64)
-    if runs.ndim != 1:
-        raise ValueError("RLE counts must be a flat list of integers")
-    if (runs < 0).any():
-        raise ValueError(f"RLE counts hold a negative run ({int(runs.min())})")
-    if int(runs.sum()) != height * width:
-        raise ValueError(f"RLE counts sum to {int(runs.sum())}, not {height}x{width}={height * width} pixels")
-    flat = np.repeat((np.arange(runs.size) % 2).astype(bool), runs)
-    return flat.reshape(width, height).T
-
-
-def encode_rle(mask: np.ndarray) -> list[int]:
-    """Column-major run lengths of a (H, W) bool mask, starting with a (possibly empty) background run."""
-    flat = np.asarray(mask, dtype=bool).T.reshape(-1)
-    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    runs = np.diff(bounds).tolist()
-    return ([0] + runs) if flat.size and flat[0] else runs
+def _check_counts(counts: list[int], height: int, width: int) -> None:
+    if any(c < 0 for c in counts):
+        raise ValueError(f"RLE counts hold a negative run ({min(counts)})")
+    if sum(counts) != height * width:
+        raise ValueError(f"RLE counts sum to {sum(counts)}, not {height}x{width}={height * width} pixels")
 
 
 # -------------------------------------------------------------------------------------------------- rasterising
 
 def _polygon_mask(polygons: Any, height: int, width: int) -> np.ndarray:
-    canvas = Image.new("L", (width, height), 0)
-    draw = ImageDraw.Draw(canvas)
+    kept = []
     for polygon in polygons:
         if not isinstance(polygon, (list, tuple)):
             raise ValueError("a polygon must be a list [x1, y1, x2, y2, ...]")
@@ -146,15 +119,15 @@ def _polygon_mask(polygons: Any, height: int, width: int) -> np.ndarray:
             raise ValueError("a polygon holds a non-numeric coordinate") from None
         if not all(math.isfinite(v) for v in coords):
             raise ValueError("a polygon holds a non-finite coordinate")
-        if len(coords) == 2:
-            draw.point(coords, fill=1)
-        elif coords:
-            draw.polygon(coords, fill=1, outline=1)
-    return np.asarray(canvas, dtype=bool)
+        if len(coords) >= 6:
+            kept.append(coords)
+    if not kept:
+        return np.zeros((height, width), dtype=bool)
+    return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(kept, height, width))).astype(bool)
 
 
 def rasterise(segmentation: Any, height: int, width: int) -> np.ndarray:
-    """(H, W) bool mask of one COCO segmentation (polygons, uncompressed RLE or compressed RLE)."""
+    """(H, W) bool mask of one COCO segmentation (polygons, uncompressed RLE or compressed RLE), as annToMask."""
     if isinstance(segmentation, list):
         return _polygon_mask(segmentation, height, width)
     if not isinstance(segmentation, dict) or "counts" not in segmentation or "size" not in segmentation:
@@ -164,10 +137,14 @@ def rasterise(segmentation: Any, height: int, width: int) -> np.ndarray:
         raise ValueError(f"RLE size {size!r} does not match the image's [height, width] [{height}, {width}]")
     counts = segmentation["counts"]
     if isinstance(counts, str):
-        counts = decode_rle_string(counts)
-    elif not (isinstance(counts, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in counts)):
+        _check_counts(decode_rle_string(counts), height, width)
+        rle = {"size": [height, width], "counts": counts.encode("ascii")}
+    elif isinstance(counts, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+        _check_counts(counts, height, width)
+        rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+    else:
         raise ValueError("RLE counts must be a list of integers or a compressed RLE string")
-    return decode_rle(counts, height, width)
+    return mask_utils.decode(rle).astype(bool)
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""Datasets of IRN training (method doc 7.2): augmented crops with their IR labels at stride 4, and top-left crops
-for the mean displacement.
+"""Datasets of IRN training (docs/method.md section 7.2): augmented crops with their IR labels at stride 4, and
+top-left crops for the mean displacement.
 
 IR labels are PNGs ``<label_dir>/<image_id>.png`` of the image's size: 0 background, c the dataset class index,
 255 ignore.

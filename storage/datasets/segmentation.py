@@ -1,5 +1,5 @@
 """Datasets of the segmentation stage: augmented (image, pseudo label) crops for training, and whole images on a
-padded canvas for inference (method doc section 9)."""
+padded canvas for inference (docs/method.md section 9)."""
 from __future__ import annotations
 
 import hashlib

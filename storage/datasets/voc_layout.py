@@ -2,15 +2,17 @@
 
     root/JPEGImages/<id>.jpg
     root/Annotations/<id>.xml                    (optional: image-level labels come from masks without it)
-    root/SegmentationClass/<id>.png              (VOC masks)
+    root/SegmentationClass/<id>.png              (VOC masks, preferred where both exist)
     root/SegmentationClassAug/<id>.png           (SBD-augmented masks, optional)
-    root/ImageSets/Segmentation/<split>.txt      (one id per line)
+    root/ImageSets/Segmentation/<split>.txt      (one id per line, or the reference's
+                                                  /JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png)
     root/class_names.txt                         (optional, background first)
 """
 from __future__ import annotations
 
 import json
 import logging
+import posixpath
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,10 +27,30 @@ from storage.images import IGNORE_INDEX, BadImageError, image_size, read_mask, v
 log = logging.getLogger(__name__)
 
 TRAIN_AUG = "train_aug"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+MASK_FOLDERS = ("SegmentationClass", "SegmentationClassAug")  # an image's mask: the first folder holding it
 
 
 class DataError(ValueError):
     """Bad dataset content; the message names the offending file or field."""
+
+
+def list_entry_id(line: str) -> str:
+    """The image id of one split-list line: ``<id>``, or the reference's ``/JPEGImages/<id>.jpg
+    /SegmentationClassAug/<id>.png`` (the first path's file name without its image extension)."""
+    name = posixpath.basename(line.split()[0])
+    stem, extension = posixpath.splitext(name)
+    return stem if extension.lower() in IMAGE_EXTENSIONS else name
+
+
+def read_id_list(url: str) -> list[str]:
+    """The image ids of a split list file (one entry per line, see :func:`list_entry_id`)."""
+    if not fs.exists(url):
+        raise DataError(f"split list {url} not found")
+    ids = [list_entry_id(line) for line in fs.read_text(url).splitlines() if line.strip()]
+    if not ids:
+        raise DataError(f"split list {url} is empty")
+    return ids
 
 
 @dataclass
@@ -76,7 +98,9 @@ class VOCLayoutDataset:
         self.label_cache = label_cache
         self.class_names = self._read_class_names()
         self._index = {name: i for i, name in enumerate(self.class_names)}
-        self._mask_dirs = {d: self._listing(d, ".png") for d in ("SegmentationClassAug", "SegmentationClass")}
+        # VOC's own masks first, SBD's as the fallback: the reference scores seeds, pseudo labels and val against
+        # SegmentationClass, and SBD's masks of the same images differ (docs/method.md section 8)
+        self._mask_dirs = {d: self._listing(d, ".png") for d in MASK_FOLDERS}
         self._annotations = self._listing("Annotations", ".xml")
 
     def _read_class_names(self) -> tuple[str, ...]:
@@ -95,13 +119,7 @@ class VOCLayoutDataset:
         return {name[: -len(suffix)] for name in fs.listdir(url) if name.endswith(suffix)}
 
     def _read_list(self, split: str) -> list[str]:
-        url = fs.join(self.root, "ImageSets", "Segmentation", f"{split}.txt")
-        if not fs.exists(url):
-            raise DataError(f"split list {url} not found")
-        ids = [line.split()[0] for line in fs.read_text(url).splitlines() if line.strip()]
-        if not ids:
-            raise DataError(f"split list {url} is empty")
-        return ids
+        return read_id_list(fs.join(self.root, "ImageSets", "Segmentation", f"{split}.txt"))
 
     def split_ids(self, split: str) -> list[str]:
         """Ids of a split; ``train_aug`` is read from its list if present, else derived from what is on disk:
@@ -116,6 +134,7 @@ class VOCLayoutDataset:
         return ids
 
     def mask_url(self, image_id: str) -> str | None:
+        """The image's mask in the first of :data:`MASK_FOLDERS` that holds one; None without."""
         for folder, ids in self._mask_dirs.items():
             if image_id in ids:
                 return fs.join(self.root, folder, f"{image_id}.png")
@@ -126,34 +145,40 @@ class VOCLayoutDataset:
         label are dropped and counted in the log; with ``'error'`` the first one raises a :class:`DataError`.
         ``labels_required=False`` (a test split) keeps images without labels, with an all-zero label row."""
         ids = self.split_ids(split)
-        labels = self._labels(split, ids)
-        kept, rows, bad = [], [], []
-        for image_id in ids:
-            row = labels.get(image_id)
-            problem = row if isinstance(row, str) else (None if row.any() else "image has no class label")
-            if problem is not None and not labels_required:
-                row, problem = np.zeros(len(self.class_names) - 1, dtype=np.float32), None
-            if problem is None:
-                kept.append(image_id)
-                rows.append(row)
-                continue
-            message = f"{self._label_source(image_id)}: {problem}"
+        labels, problems = self.image_labels(ids)
+        if not labels_required:
+            labels.update({i: np.zeros(len(self.class_names) - 1, dtype=np.float32) for i in problems})
+            problems = {}
+        if problems:
+            first = next(iter(problems.values()))
             if on_bad_data == "error":
-                raise DataError(message)
-            bad.append(message)
-        if bad:
-            log.warning("split %s: skipped %d bad images (first: %s)", split, len(bad), bad[0])
+                raise DataError(first)
+            log.warning("split %s: skipped %d bad images (first: %s)", split, len(problems), first)
+        kept = [i for i in ids if i in labels]
         if not kept:
             raise DataError(f"split {split!r} of {self.root} has no usable images")
+        rows = [labels[i] for i in kept]
         mask_urls = {i: url for i in kept if (url := self.mask_url(i)) is not None}
         return Split(self.root, split, self.class_names, kept, np.stack(rows).astype(np.float32), mask_urls)
+
+    def image_labels(self, ids: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """The image-level labels of ``ids`` (multi-hot rows), and {id: 'file: problem'} for those whose label
+        cannot be read or is empty."""
+        labels, problems = {}, {}
+        for image_id, row in self._labels(ids).items():
+            problem = row if isinstance(row, str) else (None if row.any() else "image has no class label")
+            if problem is None:
+                labels[image_id] = row
+            else:
+                problems[image_id] = f"{self._label_source(image_id)}: {problem}"
+        return labels, problems
 
     def _label_source(self, image_id: str) -> str:
         if image_id in self._annotations:
             return fs.join(self.root, "Annotations", f"{image_id}.xml")
         return self.mask_url(image_id) or fs.join(self.root, "JPEGImages", f"{image_id}.jpg")
 
-    def _labels(self, split: str, ids: Sequence[str]) -> dict[str, np.ndarray | str]:
+    def _labels(self, ids: Sequence[str]) -> dict[str, np.ndarray | str]:
         """Image-level labels per id (or an error string), from XML annotations, else masks; cached as JSON."""
         cached = self._read_cache()
         todo = [i for i in ids if i not in cached]
