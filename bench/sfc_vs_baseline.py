@@ -45,12 +45,11 @@ os.chdir(ROOT)  # the config's relative paths (data/synthetic) are relative to t
 from flows.config import load_config  # noqa: E402
 from models.cam_eval import ThresholdSweep, threshold_labels  # noqa: E402
 from models.cam_inference import fuse_scales  # noqa: E402
-from models.metrics import ConfusionMatrix  # noqa: E402
 from storage import fs  # noqa: E402
 from storage.cam_store import CamStore  # noqa: E402
 from storage.datasets.cam_inference import MultiScaleSet  # noqa: E402
 from storage.datasets.split_files import load_split_file, save_split  # noqa: E402
-from storage.datasets.synthetic import SHARED_PARTS, SYNTHETIC_CLASSES  # noqa: E402
+from storage.datasets.synthetic import MARKER, SHARED_PARTS, SYNTHETIC_CLASSES, generate_synthetic  # noqa: E402
 from storage.datasets.voc_layout import VOCLayoutDataset  # noqa: E402
 from storage.images import read_mask  # noqa: E402
 from storage.plots import bar_chart_png  # noqa: E402
@@ -175,18 +174,32 @@ def false_activation(items: list[dict], variant: str, threshold: float, names) -
 
 
 def eval_split_url(args, cfg, data_manifest: dict) -> str:
-    """The split file CAMs are evaluated on: the data stage's val split, or the union of ``--eval-splits``
-    (every split of the synthetic dataset has masks; val and test are disjoint from train_aug)."""
-    if args.eval_splits == [cfg.data.val_split]:
+    """The split file CAMs are evaluated on: the data stage's val split, the union of ``--eval-splits`` (every
+    split of the synthetic dataset has masks; val and test are disjoint from train_aug), or with
+    ``--eval-dataset SEED:IMAGES`` every image of a separately generated synthetic dataset (other images than
+    the training set's, as many as the tail classes need)."""
+    root = cfg.data.root
+    if args.eval_dataset:
+        seed, images = (int(v) for v in args.eval_dataset.split(":"))
+        synthetic = cfg.data.synthetic
+        root = f"{cfg.data.root}-eval-seed{seed}-{images}"
+        if not fs.exists(fs.join(root, MARKER)):
+            generate_synthetic(root, images, seed, synthetic.min_size, synthetic.max_size)
+    elif args.eval_splits == [cfg.data.val_split]:
         return data_manifest["splits"]["val"]
-    dataset = VOCLayoutDataset(cfg.data.root, cfg.data.kind)
+    dataset = VOCLayoutDataset(root, cfg.data.kind)
     union = union_of_splits([dataset.load_split(name) for name in args.eval_splits])
     train_ids = set(load_split_file(data_manifest["splits"]["train"]).ids)
-    if train_ids & set(union.ids):
+    if not args.eval_dataset and train_ids & set(union.ids):
         raise ValueError(f"eval splits {args.eval_splits} overlap the training split")
-    url = fs.join(args.workdir, "splits", "eval-" + "+".join(args.eval_splits) + ".json")
+    url = fs.join(args.workdir, "splits", f"eval-{eval_name(args)}.json")
     save_split(url, union)
     return url
+
+
+def eval_name(args) -> str:
+    prefix = f"seed{args.eval_dataset.replace(':', '-')}-" if args.eval_dataset else ""
+    return prefix + "+".join(args.eval_splits)
 
 
 def run_method(method: str, args, data_manifest: dict, eval_url: str) -> dict:
@@ -200,12 +213,12 @@ def run_method(method: str, args, data_manifest: dict, eval_url: str) -> dict:
     t = time.perf_counter()
     train = train_cam(cfg.train_cam, train_url, val_url, fs.join(mdir, "train_cam"), args.seed, args.device)
     timings["train_cam_s"] = time.perf_counter() - t
-    store_url = fs.join(mdir, "cams.zarr")
+    store_url = fs.join(mdir, "cams.zarr" if eval_url == val_url else f"cams-{eval_name(args)}.zarr")
     t = time.perf_counter()
     infer_cams(cfg.infer_cams, train["checkpoint"], [eval_url], store_url, args.device)
     timings["infer_cams_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    eval_dir = fs.join(mdir, "eval" if eval_url == val_url else "eval-" + "+".join(args.eval_splits))
+    eval_dir = fs.join(mdir, "eval" if eval_url == val_url else f"eval-{eval_name(args)}")
     eval_cam(cfg.eval_cam, store_url, eval_url, eval_dir)
     timings["eval_cam_s"] = time.perf_counter() - t
     evaluation = json.loads(fs.read_text(fs.join(eval_dir, RESULTS)))
@@ -257,7 +270,7 @@ def summarise(runs: dict, class_counts: dict, args) -> dict:
         "settings": {"config": args.config, "steps": args.steps, "seed": args.seed, "device": args.device,
                      "overrides": args.override,
                      "sfc_only_overrides": args.sfc_override, "workdir": args.workdir,
-                     "eval_splits": args.eval_splits,
+                     "eval_splits": args.eval_splits, "eval_dataset": args.eval_dataset,
                      "threshold_rule": "each variant at its best background threshold (best mIoU incl. background)",
                      "torch": torch.__version__, "cpu_count": os.cpu_count()},
         "class_counts_train": {c: class_counts[c] for c in ranked},
@@ -326,8 +339,9 @@ def plot(report: dict) -> bytes:
     label = {c: f"{c} ({n}{', ' + tags[c] if c in tags else ''})" for c, n in report["class_counts_train"].items()}
     groups = {s: {label[c]: report["per_class_iou"][s][c] for c in report["class_counts_train"]} for s in series}
     s = report["settings"]
-    return bar_chart_png(groups, f"synthetic {'+'.join(s['eval_splits'])}, per-class CAM IoU (classes by train N_c; H head, T tail); "
-                                 f"{s['steps']} steps, seed {s['seed']}")
+    title = (f"synthetic {'+'.join(s['eval_splits'])}, per-class CAM IoU (classes by train N_c; H head, T tail); "
+             f"{s['steps']} steps, seed {s['seed']}")
+    return bar_chart_png(groups, title)
 
 
 def main() -> None:
@@ -344,6 +358,8 @@ def main() -> None:
     parser.add_argument("--no-raw", action="store_true", help="skip the raw-CAM (no PCM) diagnostic")
     parser.add_argument("--eval-splits", nargs="+", default=["val"],
                         help="splits (with masks, disjoint from training) to evaluate on, e.g. val test")
+    parser.add_argument("--eval-dataset", default=None, metavar="SEED:IMAGES",
+                        help="evaluate on a separately generated synthetic dataset (its --eval-splits), e.g. 1:1200")
     parser.add_argument("--tag", default="", help="suffix of the result files: sfc_vs_baseline-TAG.json")
     parser.add_argument("--results", default="bench/results")
     args = parser.parse_args()

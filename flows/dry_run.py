@@ -19,6 +19,7 @@ from storage import fs
 from storage.datasets.catalog import DEFAULT_CLASSES
 from storage.datasets.voc_layout import MASK_FOLDERS, TRAIN_AUG, DataError, VOCLayoutDataset
 from storage.images import BadImageError, image_size
+from tasks.common import CAM_WEIGHTS, load_backbone_weights
 from tasks.prepare_data import SYNTHETIC_MARKER
 
 # Size of the CAM store over its raw float16 payload, Blosc-LZ4 on CAM-like data (bench/cam_store.py: 17.6% of the
@@ -51,7 +52,7 @@ def _selected(cfg: PipelineConfig, stages: Sequence[str] | None, start: str | No
 
 def _weights(cfg: PipelineConfig, stage: str) -> str | None:
     url = getattr(cfg, stage).weights
-    return None if stage == "train_irn" and url == "cam" else url
+    return None if url == CAM_WEIGHTS else url
 
 
 def weights_problems(cfg: PipelineConfig, stages: Sequence[str] | None = None, start: str | None = None) -> list[str]:
@@ -69,9 +70,7 @@ def _load_weights(cfg: PipelineConfig, stage: str, num_classes: int) -> None:
         build_model(cfg.train_cam, num_classes)
     elif stage == "train_irn":
         from models.irn import IRNet
-        from tasks.train_irn import load_backbone_weights
-
-        load_backbone_weights(IRNet(cfg.train_irn.backbone), cfg.train_irn.weights)
+        load_backbone_weights(IRNet(cfg.train_irn.backbone).backbone, cfg.train_irn.weights)
     else:
         from tasks.train_seg import build_segmenter
 
@@ -82,7 +81,7 @@ def _check_weights(cfg: PipelineConfig, selected: list[str], num_classes: int, r
     report.lines.append("weights:")
     for stage in (s for s in TRAINING if s in selected):
         url = _weights(cfg, stage)
-        if getattr(cfg, stage).weights == "cam":
+        if getattr(cfg, stage).weights == CAM_WEIGHTS:
             report.lines.append(f"  {stage}.weights: the backbone of this run's trained CAM network")
         elif url is None:
             report.lines.append(f"  {stage}.weights: none, random initialisation")

@@ -6,7 +6,7 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from flows.code_version import code_version
 from flows.config import PipelineConfig
@@ -25,9 +25,12 @@ from tasks.make_pseudo_labels import make_pseudo_labels_task
 from tasks.prepare_data import prepare_data_task
 from tasks.shards import partial_dir
 from tasks.train_cam import train_cam_task
-from tasks.train_irn import CAM_WEIGHTS, TrainIrnConfig, train_irn_task
-from tasks.train_seg import train_seg_task
+from tasks.common import CAM_WEIGHTS
+from tasks.train_irn import train_irn_task
+from tasks.train_irn import TrainIrnConfig
+from tasks.train_seg import TrainSegConfig, train_seg_task
 
+Section = TypeVar("Section", TrainIrnConfig, TrainSegConfig)
 Arguments = Callable[[PipelineConfig, Mapping[str, dict], Tracker], dict[str, Any]]
 Merge = Callable[[list[dict], dict[str, Any]], dict]  # (the shards' manifests, the stage's arguments) -> manifest
 
@@ -79,12 +82,12 @@ def _splits(manifests: Mapping[str, dict]) -> dict[str, str]:
     return manifests["prepare_data"]["splits"]
 
 
-def _irn_config(cfg: PipelineConfig, manifests: Mapping[str, dict]) -> TrainIrnConfig:
-    """``train_irn.weights: cam`` takes IRN's frozen backbone from the trained CAM network (runs without ImageNet
-    weights, such as the synthetic demo)."""
-    if cfg.train_irn.weights != CAM_WEIGHTS:
-        return cfg.train_irn
-    return cfg.train_irn.model_copy(update={"weights": manifests["train_cam"]["checkpoint"]})
+def _with_cam_weights(section: Section, manifests: Mapping[str, dict]) -> Section:
+    """``weights: cam`` takes the backbone from this run's trained CAM network (runs without ImageNet weights,
+    such as the synthetic demo): IRN's frozen backbone, the segmenter's initialisation."""
+    if section.weights != CAM_WEIGHTS:
+        return section
+    return section.model_copy(update={"weights": manifests["train_cam"]["checkpoint"]})
 
 
 def _out(cfg: PipelineConfig, name: str) -> str:
@@ -117,7 +120,7 @@ STAGES: tuple[Stage, ...] = (
                              "split_url": _splits(m)["train"], "out_dir": _out(cfg, "ir_labels"), "tracker": t},
           enabled=_uses_irn, owns=("ir_labels",), merge=lambda shards, _: merge_label_manifests(shards)),
     Stage("train_irn", train_irn_task, ("train_irn",), ("prepare_data", "train_cam", "make_ir_labels"),
-          lambda cfg, m, t: {"cfg": _irn_config(cfg, m), "ir_label_dir": m["make_ir_labels"]["out_dir"],
+          lambda cfg, m, t: {"cfg": _with_cam_weights(cfg.train_irn, m), "ir_label_dir": m["make_ir_labels"]["out_dir"],
                              "split_file": _splits(m)["train"], "out_dir": _out(cfg, "train_irn"),
                              "seed": cfg.run.seed, "device": cfg.run.device, "tracker": t},
           enabled=_uses_irn, owns=("train_irn",)),
@@ -133,8 +136,8 @@ STAGES: tuple[Stage, ...] = (
                              "out_dir": _out(cfg, "metrics"), "tracker": t},
           owns=(_partials(PSEUDO_LABEL_EVAL),),
           merge=lambda shards, arguments: merge_pseudo_label_eval(shards, **arguments)),
-    Stage("train_seg", train_seg_task, ("train_seg",), ("prepare_data", "make_pseudo_labels"),
-          lambda cfg, m, t: {"cfg": cfg.train_seg, "train_split_url": _splits(m)["train"],
+    Stage("train_seg", train_seg_task, ("train_seg",), ("prepare_data", "train_cam", "make_pseudo_labels"),
+          lambda cfg, m, t: {"cfg": _with_cam_weights(cfg.train_seg, m), "train_split_url": _splits(m)["train"],
                              "pseudo_label_dir": m["make_pseudo_labels"]["out_dir"],
                              "val_split_url": _splits(m)["val"], "out_dir": _out(cfg, "train_seg"),
                              "seed": cfg.run.seed, "device": cfg.run.device, "tracker": t}, owns=("train_seg",)),

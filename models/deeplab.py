@@ -57,7 +57,7 @@ class DeepLab(nn.Module):
     statistics and their affine parameters are not trained (deeplab-pytorch); ``"batch"`` trains them."""
 
     def __init__(self, num_classes: int, arch: str = "deeplabv2", backbone: str = "resnet101", norm: str = "frozen",
-                 output_stride: int = 8):
+                 output_stride: int = 8, aspp_rates: Sequence[int] = V2_RATES):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown architecture {arch!r}; allowed: {', '.join(ARCHS)}")
@@ -71,8 +71,8 @@ class DeepLab(nn.Module):
             if isinstance(module, FrozenBatchNorm2d):
                 module.requires_grad_(False)
         channels = self.backbone.channels.stage4
-        self.head = ASPPv2(channels, num_classes) if arch == "deeplabv2" else DeepLabHead(channels, num_classes,
-                                                                                            V3_RATES)
+        self.head = ASPPv2(channels, num_classes, aspp_rates) if arch == "deeplabv2" else \
+            DeepLabHead(channels, num_classes, V3_RATES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x)[-1])

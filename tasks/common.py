@@ -8,7 +8,12 @@ import logging
 import torch
 from pydantic import BaseModel
 
+from models.backbone import ResNetBackbone
+from storage import checkpoints
+
 log = logging.getLogger(__name__)
+
+CAM_WEIGHTS = "cam"  # a stage's ``weights``: the backbone of this run's CAM network (filled in by the flow)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -30,3 +35,23 @@ def amp_enabled(requested: bool, device: torch.device) -> bool:
         log.warning("amp requested but the device is %s; training in fp32", device)
     return requested and device.type == "cuda"
 
+
+
+def load_backbone_weights(backbone: ResNetBackbone, url: str) -> None:
+    """Load a torchvision ResNet state dict, or the backbone of a CAM checkpoint (keys ``backbone.*``)."""
+    state = checkpoints.load_pretrained(url)
+    if not any(key.startswith("backbone.") for key in state):
+        backbone.load_torchvision_state_dict(state)
+        return
+    weights = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    try:
+        backbone.load_state_dict(weights)
+    except RuntimeError as err:
+        raise ValueError(f"{url}: its backbone does not fit {backbone.name} ({str(err).splitlines()[0]})") from err
+
+
+def unresolved_cam_weights(stage: str, url: str | None) -> None:
+    """Fail clearly when a stage runs outside the flow with ``weights: cam``."""
+    if url == CAM_WEIGHTS:
+        raise ValueError(f"{stage}.weights 'cam' is resolved by the pipeline flow; outside it give the path of the "
+                         f"CAM checkpoint")

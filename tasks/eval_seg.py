@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.backbone import fold_batchnorm
-from models.deeplab import DeepLab
+from models.deeplab import V2_RATES, DeepLab
 from models.metrics import ConfusionMatrix
 from models.seg_inference import FUSIONS, canvas_probabilities, multiscale_logits
 from storage import checkpoints, fs
@@ -88,7 +88,8 @@ def load_segmenter(url: str, class_names: Sequence[str]) -> DeepLab:
     if tuple(meta["class_names"]) != tuple(class_names):
         raise ValueError(f"{url} was trained for {len(meta['class_names'])} classes ({_names(meta['class_names'])}); "
                          f"the split has {len(class_names)} ({_names(class_names)})")
-    model = DeepLab(len(class_names), meta["arch"], meta["backbone"], meta["norm"], meta["output_stride"])
+    model = DeepLab(len(class_names), meta["arch"], meta["backbone"], meta["norm"], meta["output_stride"],
+                    meta.get("aspp_rates", V2_RATES))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:

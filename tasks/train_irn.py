@@ -32,7 +32,7 @@ from tasks import distributed
 from tasks.distributed import RankBatches, seeded_model
 from tasks.resume import (latest_training_state, loss_summary, rank_states, report_step, restore_rank_state,
                           save_training_state)
-from tasks.common import config_hash, resolve_device
+from tasks.common import config_hash, load_backbone_weights, resolve_device, unresolved_cam_weights
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ FINAL = "irn.pt"
 KIND = "irn"
 
 
-CAM_WEIGHTS = "cam"  # train_irn.weights value: the backbone of this run's CAM network (set by the flow)
 
 
 class TrainIrnConfig(BaseModel):
@@ -88,26 +87,10 @@ class TrainIrnConfig(BaseModel):
 
 def build_model(cfg: TrainIrnConfig) -> IRNet:
     model = IRNet(cfg.backbone)
-    if cfg.weights == CAM_WEIGHTS:
-        raise ValueError("train_irn.weights 'cam' is resolved by the pipeline flow; outside it give the path of "
-                         "the CAM checkpoint")
+    unresolved_cam_weights("train_irn", cfg.weights)
     if cfg.weights:
-        load_backbone_weights(model, cfg.weights)
+        load_backbone_weights(model.backbone, cfg.weights)
     return model
-
-
-def load_backbone_weights(model: IRNet, url: str) -> None:
-    """Load a torchvision ResNet state dict, or the backbone of a CAM checkpoint (keys ``backbone.*``)."""
-    state = checkpoints.load_pretrained(url)
-    if not any(key.startswith("backbone.") for key in state):
-        model.backbone.load_torchvision_state_dict(state)
-        return
-    backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-    try:
-        model.backbone.load_state_dict(backbone)
-    except RuntimeError as err:
-        raise ValueError(f"{url}: its backbone does not fit {model.backbone.name} ({str(err).splitlines()[0]})") \
-            from err
 
 
 def load_irn(checkpoint: str, device: str | torch.device = "cpu", backbone: str | None = None) -> IRNet:

@@ -16,11 +16,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.backbone import BACKBONES, NORMS
-from models.deeplab import ARCHS, MSC_SCALES, DeepLab, msc_cross_entropy, msc_outputs
+from models.deeplab import ARCHS, MSC_SCALES, V2_RATES, DeepLab, msc_cross_entropy, msc_outputs
 from models.metrics import ConfusionMatrix
 from models.optim import poly_schedule
 from storage import checkpoints, fs
-from storage.datasets.cam_training import EpochBatchSampler
+from storage.datasets.cam_training import EpochBatchSampler, repeat_factors
 from storage.datasets.segmentation import SegTrainingSet, check_label_maps, pseudo_label_urls
 from storage.datasets.split_files import load_split_file, load_split_with_masks
 from storage.datasets.voc_layout import DataError, Split
@@ -31,7 +31,8 @@ from tasks.distributed import RankBatches, seeded_model, sync_grads
 from tasks.eval_seg import EvalSegConfig, predict_probs, read_target
 from tasks.resume import (LOSS_WINDOW, finished_manifest, latest_training_state, rank_states, restore_rank_state,
                           report_step, restore_training_state, save_training_state, training_state)
-from tasks.common import amp_enabled, config_hash, resolve_device
+from tasks.common import (CAM_WEIGHTS, amp_enabled, config_hash, load_backbone_weights, resolve_device,
+                          unresolved_cam_weights)
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +46,22 @@ class TrainSegConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     arch: Literal[ARCHS] = "deeplabv2"  # type: ignore[valid-type]
     backbone: Literal[BACKBONES] = "resnet101"  # type: ignore[valid-type]
-    weights: str | None = Field(None, description="torchvision-format ResNet state dict (path or fsspec URL)")
+    weights: str | None = Field(
+        None, description="backbone init: a torchvision-format ResNet state dict (path or fsspec URL), or 'cam': "
+                          "the backbone of this run's CAM network (runs without ImageNet weights, such as the demo)")
     norm: Literal[NORMS] = Field(  # type: ignore[valid-type]
         "frozen", description="frozen: backbone BN with running statistics, not trained (deeplab); batch: trained")
     output_stride: Literal[8, 16] = Field(8, description="8: layer3/layer4 dilated 2/4 (DeepLab); 16: layer4 only")
+    aspp_rates: tuple[int, ...] = Field(
+        V2_RATES, min_length=1, description="deeplabv2: dilation rates of the ASPP branches (deeplab-pytorch: 6, "
+        "12, 18, 24 for 321-pixel crops, whose output-stride-8 maps are 41 wide)")
     msc_scales: tuple[float, ...] = Field(
         MSC_SCALES, description="MSC training: extra input scales whose logits (and their max) are also supervised")
     crop: int = Field(321, ge=16)
     scale_range: tuple[float, float] = (0.5, 1.5)
+    repeat_threshold: float | None = Field(
+        None, gt=0, le=1, description="repeat-factor sampling on the image-level labels: images with classes "
+        "rarer than this fraction of the images come more often (null: every image once per epoch, as deeplab)")
     batch_size: int = Field(5, ge=1, description="images per forward and process (global batch: x processes)")
     iter_size: int = Field(2, ge=1, description="forwards accumulated per optimiser step")
     max_steps: int = Field(20000, ge=1, description="optimiser steps")
@@ -75,7 +84,7 @@ class TrainSegConfig(BaseModel):
     @field_validator("weights")
     @classmethod
     def _weights_exist(cls, url: str | None) -> str | None:
-        if url is not None and not fs.exists(url):
+        if url not in (None, CAM_WEIGHTS) and not fs.exists(url):
             raise ValueError(f"weights file {url} does not exist")
         return url
 
@@ -97,9 +106,10 @@ class TrainSegConfig(BaseModel):
 def build_segmenter(cfg: TrainSegConfig, num_labels: int) -> DeepLab:
     """A randomly initialised segmenter for ``num_labels`` classes (background included), with the configured
     backbone weights loaded."""
-    model = DeepLab(num_labels, cfg.arch, cfg.backbone, cfg.norm, cfg.output_stride)
+    model = DeepLab(num_labels, cfg.arch, cfg.backbone, cfg.norm, cfg.output_stride, cfg.aspp_rates)
+    unresolved_cam_weights("train_seg", cfg.weights)
     if cfg.weights:
-        model.backbone.load_torchvision_state_dict(checkpoints.load_pretrained(cfg.weights))
+        load_backbone_weights(model.backbone, cfg.weights)
     return model
 
 
@@ -174,8 +184,9 @@ def train_seg(cfg: TrainSegConfig, train_split_url: str, pseudo_label_dir: str, 
     tracker.log_params({"train_seg": cfg.model_dump(mode="json"), "seed": seed, "train_images": len(split.ids),
                         "pseudo_labels": pseudo_label_dir, "pseudo_label_digest": labels_digest})
 
+    repeats = repeat_factors(split.labels, cfg.repeat_threshold) if cfg.repeat_threshold else None
     sampler = RankBatches(EpochBatchSampler(len(split.ids), cfg.batch_size * ranks.world_size, seed,
-                                            cfg.max_steps * cfg.iter_size, start_step * cfg.iter_size), ranks)
+                                            cfg.max_steps * cfg.iter_size, start_step * cfg.iter_size, repeats), ranks)
     loader = DataLoader(SegTrainingSet(split, label_urls, cfg.crop, cfg.scale_range), batch_sampler=sampler,
                         num_workers=cfg.num_workers, pin_memory=torch_device.type == "cuda",
                         generator=torch.Generator())  # own generator: the global RNG (dropout) stays resumable
@@ -228,7 +239,8 @@ def train_seg(cfg: TrainSegConfig, train_split_url: str, pseudo_label_dir: str, 
 
     final_url = fs.join(out_dir, FINAL)
     meta = {"kind": "segmenter", "arch": cfg.arch, "backbone": cfg.backbone, "norm": cfg.norm,
-            "output_stride": cfg.output_stride, "class_names": list(split.class_names), "config_hash": cfg_hash}
+            "output_stride": cfg.output_stride, "aspp_rates": list(cfg.aspp_rates),
+            "class_names": list(split.class_names), "config_hash": cfg_hash}
     checkpoints.save(final_url, {"model": model.state_dict(), "meta": meta, "step": cfg.max_steps})
     window = max(1, min(LOSS_WINDOW, len(losses) // 2))
     manifest = {

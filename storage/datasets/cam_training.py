@@ -45,10 +45,26 @@ class CAMTrainingSet(Dataset):
         }
 
 
-class EpochBatchSampler(Sampler[list[Item]]):
-    """Batches for steps ``start_step .. total_steps - 1``: each epoch a seeded permutation, ``drop_last``."""
+def repeat_factors(labels: np.ndarray, threshold: float) -> np.ndarray:
+    """Repeat-factor sampling (LVIS): image i appears ``max(1, round(max_c sqrt(threshold / f_c)))`` times per epoch,
+    c over its image-level classes, f_c the fraction of images holding class c. Rare classes are seen more often;
+    classes in more than ``threshold`` of the images are not repeated."""
+    frequency = labels.mean(axis=0)
+    per_class = np.sqrt(threshold / np.maximum(frequency, 1e-12))
+    factors = np.where(labels > 0, per_class[None, :], 1.0).max(axis=1, initial=1.0)
+    return np.maximum(1, np.round(factors)).astype(np.int64)
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, total_steps: int, start_step: int = 0):
+
+class EpochBatchSampler(Sampler[list[Item]]):
+    """Batches for steps ``start_step .. total_steps - 1``: each epoch a seeded permutation, ``drop_last``.
+
+    With ``repeats``, item i takes ``repeats[i]`` places in every epoch's permutation (see :func:`repeat_factors`).
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, total_steps: int, start_step: int = 0,
+                 repeats: np.ndarray | None = None):
+        self.items = np.repeat(np.arange(num_items), repeats) if repeats is not None else np.arange(num_items)
+        num_items = len(self.items)
         if num_items < batch_size:
             raise ValueError(f"the training split has {num_items} images, fewer than batch_size={batch_size}")
         self.num_items = num_items
@@ -69,7 +85,7 @@ class EpochBatchSampler(Sampler[list[Item]]):
             epoch, offset = divmod(step, self.steps_per_epoch)
             order = np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
             positions = range(offset * self.batch_size, (offset + 1) * self.batch_size)
-            yield [(int(order[p]), (self.seed, epoch, p)) for p in positions]
+            yield [(int(self.items[order[p]]), (self.seed, epoch, p)) for p in positions]
 
 
 class FullImageSet(Dataset):
