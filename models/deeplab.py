@@ -1,4 +1,4 @@
-"""DeepLab segmenters for the segmentation stage (method doc section 9).
+"""DeepLab segmenters for the segmentation stage (docs/method.md section 9).
 
 ``deeplabv2`` is deeplab-pytorch's DeepLabV2-ResNet-101-MSC: a ResNet whose layer3 and layer4 trade their stride for
 dilation 2 and 4 (output stride 8), and an ASPP of four parallel 3x3 convolutions with dilation 6, 12, 18 and 24,

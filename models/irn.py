@@ -1,4 +1,4 @@
-"""The inter-pixel relation network (IRN) that SFC trains on IR labels (method doc section 7.2).
+"""The inter-pixel relation network (IRN) that SFC trains on IR labels (docs/method.md section 7.2).
 
 A frozen ResNet (output stride 16) feeds two new branches at stride 4: a class-boundary (edge) map and a
 displacement field. Affinities between pixel pairs within a radius are ``1 - max(edge on the path between them)``.
@@ -228,7 +228,7 @@ class IRNLosses:
 
 def irn_losses(edge_logits: torch.Tensor, displacement: torch.Tensor, label: torch.Tensor, paths: PathIndex,
                num_labels: int) -> IRNLosses:
-    """IRN's losses for a batch (method doc 7.2): masked means of the affinity and displacement terms.
+    """IRN's losses for a batch (docs/method.md section 7.2): masked means of the affinity and displacement terms.
 
     ``total = (pos + neg)/2 + (dp_fg + dp_bg)/2`` with ``pos = bg_pos/2 + fg_pos/2``.
     """

@@ -1,5 +1,5 @@
 """Stage 4b: segmentation inference (multi-scale + flip, optional dense CRF) and evaluation against ground truth;
-test-split predictions exported for the PASCAL VOC evaluation server (method doc sections 8 and 9).
+test-split predictions exported for the PASCAL VOC evaluation server (docs/method.md sections 8 and 9).
 
 What "deeplab-style test at 513" means here: Caffe DeepLab pads every test image bottom/right with the mean colour
 to a fixed 513 x 513 input (every VOC image fits, long side <= 500); deeplab-pytorch's MSC then resizes that input

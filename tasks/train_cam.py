@@ -51,7 +51,7 @@ class IBRConfig(BaseModel):
 
 
 class TrainCamConfig(BaseModel):
-    """CAM training (method doc sections 3-5); defaults are the reference's."""
+    """CAM training (docs/method.md sections 3-5); defaults are the reference's."""
 
     model_config = ConfigDict(extra="forbid")
     method: Literal["sfc", "baseline"] = Field(
@@ -95,13 +95,6 @@ class TrainCamConfig(BaseModel):
         if crop % 32:
             raise ValueError(f"crop must be a multiple of 32 (the 0.5-scale CAM must be half the full one), got {crop}")
         return crop
-
-    @field_validator("weights")
-    @classmethod
-    def _weights_exist(cls, url: str | None) -> str | None:
-        if url is not None and not fs.exists(url):
-            raise ValueError(f"weights file {url} does not exist")
-        return url
 
     @model_validator(mode="after")
     def _sizes_consistent(self) -> TrainCamConfig:

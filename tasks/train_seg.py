@@ -1,4 +1,4 @@
-"""Stage 4a: train a DeepLab segmenter on the pseudo labels (deeplab-pytorch's VOC recipe, method doc section 9),
+"""Stage 4a: train a DeepLab segmenter on the pseudo labels (deeplab-pytorch's VOC recipe, docs/method.md section 9),
 validating against ground truth, resumable from checkpoints."""
 from __future__ import annotations
 
@@ -71,13 +71,6 @@ class TrainSegConfig(BaseModel):
     val_max_images: int | None = Field(None, ge=1)
     amp: bool = Field(False, description="mixed precision (CUDA only)")
     channels_last: bool = False
-
-    @field_validator("weights")
-    @classmethod
-    def _weights_exist(cls, url: str | None) -> str | None:
-        if url is not None and not fs.exists(url):
-            raise ValueError(f"weights file {url} does not exist")
-        return url
 
     @field_validator("msc_scales")
     @classmethod
