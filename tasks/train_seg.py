@@ -25,6 +25,7 @@ from storage.datasets.segmentation import SegTrainingSet, check_label_maps, pseu
 from storage.datasets.split_files import load_split_file, load_split_with_masks
 from storage.datasets.voc_layout import DataError, Split
 from storage.reports import class_metrics, format_table
+from storage.transforms import SCALE_INTERPOLATIONS, SEG_SCALES, SegScaling
 from storage.tracking import Tracker
 from tasks import distributed
 from tasks.distributed import RankBatches, seeded_model, sync_grads
@@ -52,7 +53,13 @@ class TrainSegConfig(BaseModel):
     msc_scales: tuple[float, ...] = Field(
         MSC_SCALES, description="MSC training: extra input scales whose logits (and their max) are also supervised")
     crop: int = Field(321, ge=16)
-    scale_range: tuple[float, float] = (0.5, 1.5)
+    scales: tuple[float, ...] = Field(
+        SEG_SCALES, description="scale augmentation: one factor per crop, drawn uniformly from this set (deeplab)")
+    scale_range: tuple[float, float] | None = Field(
+        None, description="when set, the factor is drawn from U(low, high) instead of from scales (deviation)")
+    scale_interpolation: Literal[SCALE_INTERPOLATIONS] = Field(  # type: ignore[valid-type]
+        "linear", description="image resize of the scale augmentation: linear = OpenCV INTER_LINEAR as deeplab "
+                              "(no antialiasing); pil_bilinear = PIL's antialiased bilinear (deviation)")
     batch_size: int = Field(5, ge=1, description="images per forward and process (global batch: x processes)")
     iter_size: int = Field(2, ge=1, description="forwards accumulated per optimiser step")
     max_steps: int = Field(20000, ge=1, description="optimiser steps")
@@ -79,12 +86,22 @@ class TrainSegConfig(BaseModel):
             raise ValueError(f"msc_scales must lie in (0, 1), got {list(scales)}")
         return scales
 
+    @field_validator("scales")
+    @classmethod
+    def _scales(cls, scales: tuple[float, ...]) -> tuple[float, ...]:
+        if not scales or any(s <= 0 for s in scales):
+            raise ValueError(f"scales must be a non-empty list of positive numbers, got {list(scales)}")
+        return scales
+
     @model_validator(mode="after")
     def _scale_range(self) -> TrainSegConfig:
-        low, high = self.scale_range
-        if not 0 < low <= high:
+        if self.scale_range is not None and not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ValueError(f"scale_range must satisfy 0 < low <= high, got {list(self.scale_range)}")
         return self
+
+    @property
+    def scaling(self) -> SegScaling:
+        return SegScaling(self.scales, self.scale_range, self.scale_interpolation)
 
 
 def build_segmenter(cfg: TrainSegConfig, num_labels: int) -> DeepLab:
@@ -169,7 +186,7 @@ def train_seg(cfg: TrainSegConfig, train_split_url: str, pseudo_label_dir: str, 
 
     sampler = RankBatches(EpochBatchSampler(len(split.ids), cfg.batch_size * ranks.world_size, seed,
                                             cfg.max_steps * cfg.iter_size, start_step * cfg.iter_size), ranks)
-    loader = DataLoader(SegTrainingSet(split, label_urls, cfg.crop, cfg.scale_range), batch_sampler=sampler,
+    loader = DataLoader(SegTrainingSet(split, label_urls, cfg.crop, cfg.scaling), batch_sampler=sampler,
                         num_workers=cfg.num_workers, pin_memory=torch_device.type == "cuda",
                         generator=torch.Generator())  # own generator: the global RNG (dropout) stays resumable
     batches = iter(loader)

@@ -14,7 +14,7 @@ from storage import fs
 from storage.datasets.cam_training import Item, normalized_tensor
 from storage.datasets.voc_layout import DataError, Split
 from storage.images import IGNORE_INDEX, read_mask, read_pil_rgb, values_outside
-from storage.transforms import augment_for_segmentation, fit_long_side
+from storage.transforms import SegScaling, augment_for_segmentation, fit_long_side
 
 SHOWN_IDS = 5
 
@@ -58,12 +58,11 @@ class SegTrainingSet(Dataset):
     the augmentation depends only on the sample's place in the schedule.
     """
 
-    def __init__(self, split: Split, label_urls: dict[str, str], crop: int,
-                 scale_range: tuple[float, float] = (0.5, 1.5)):
+    def __init__(self, split: Split, label_urls: dict[str, str], crop: int, scaling: SegScaling = SegScaling()):
         self.split = split
         self.label_urls = label_urls
         self.crop = crop
-        self.scale_range = scale_range
+        self.scaling = scaling
 
     def __len__(self) -> int:
         return len(self.split.ids)
@@ -77,7 +76,7 @@ class SegTrainingSet(Dataset):
             raise DataError(f"{label_url}: pseudo label is {label.shape[0]}x{label.shape[1]} but image {image_url} "
                             f"is {image.height}x{image.width}")
         rng = np.random.default_rng(list(seed))
-        array, labels = augment_for_segmentation(image, label, self.crop, self.scale_range, rng, IGNORE_INDEX)
+        array, labels = augment_for_segmentation(image, label, self.crop, self.scaling, rng, IGNORE_INDEX)
         return {"image": torch.from_numpy(array), "label": torch.from_numpy(labels)}
 
 
