@@ -95,7 +95,7 @@ def batched(model, images: list[torch.Tensor], device: torch.device, layout, can
             padded[index, :, :image.shape[1], :image.shape[2]] = image
         logits = multiscale_logits(model, padded.to(device).contiguous(memory_format=layout), SCALES, True, "max")
         sizes = [tuple(image.shape[1:]) for image in chunk]
-        for probs in canvas_probabilities(logits, canvas, sizes, sizes):
+        for probs in canvas_probabilities(logits, (canvas, canvas), sizes, sizes):
             out.append(probs.argmax(0).to(torch.uint8).cpu().numpy())
     return out
 

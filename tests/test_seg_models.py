@@ -121,6 +121,6 @@ def test_batched_multiscale_flip_inference_matches_a_per_image_loop():
 
 def test_canvas_probabilities_crop_and_restore_sizes():
     logits = torch.randn(2, 4, 6, 6)
-    probs = canvas_probabilities(logits, 48, [(48, 30), (20, 48)], [(48, 30), (40, 96)])
+    probs = canvas_probabilities(logits, (48, 48), [(48, 30), (20, 48)], [(48, 30), (40, 96)])
     assert [p.shape for p in probs] == [(4, 48, 30), (4, 40, 96)]
     assert all(torch.allclose(p.sum(0), torch.ones(p.shape[1:])) for p in probs)

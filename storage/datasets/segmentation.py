@@ -83,9 +83,10 @@ class SegTrainingSet(Dataset):
 class CanvasSet(Dataset):
     """Whole images for inference, each on a ``canvas`` x ``canvas`` input: shrunk to fit when its long side is
     larger (bilinear), normalised, and padded bottom/right with 0 (the mean colour), as Caffe DeepLab's 513 x 513
-    test input. Items: id, image (3, canvas, canvas), content (h, w) on the canvas, original size (H, W)."""
+    test input; ``canvas`` None: each image normalised at its own size, unpadded (deeplab-pytorch's ``test``).
+    Items: id, image (3, h', w'), content (h, w) on it, original size (H, W)."""
 
-    def __init__(self, split: Split, ids: Sequence[str], canvas: int):
+    def __init__(self, split: Split, ids: Sequence[str], canvas: int | None):
         self.split = split
         self.ids = list(ids)
         self.canvas = canvas
@@ -96,14 +97,17 @@ class CanvasSet(Dataset):
     def __getitem__(self, index: int) -> dict:
         image_id = self.ids[index]
         image = read_pil_rgb(self.split.image_url(image_id))
+        size = (image.height, image.width)
+        if self.canvas is None:
+            return {"id": image_id, "image": normalized_tensor(image), "content": size, "size": size}
         fitted = normalized_tensor(fit_long_side(image, self.canvas))
         height, width = fitted.shape[1:]
         padded = torch.zeros(3, self.canvas, self.canvas)
         padded[:, :height, :width] = fitted
-        return {"id": image_id, "image": padded, "content": (height, width), "size": (image.height, image.width)}
+        return {"id": image_id, "image": padded, "content": (height, width), "size": size}
 
 
 def collate_canvases(items: list[dict]) -> dict:
-    """Stack the canvases; keep ids, contents and sizes as lists."""
+    """Stack the inputs (equal sizes: canvases, or one unpadded image); keep ids, contents and sizes as lists."""
     return {"image": torch.stack([item["image"] for item in items]),
             **{key: [item[key] for item in items] for key in ("id", "content", "size")}}
