@@ -109,7 +109,7 @@ def timed(fn, device: torch.device, amp: bool) -> tuple[list[np.ndarray], float]
     return result, time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if cuda else "cpu")
@@ -123,7 +123,7 @@ def main() -> None:
                         help="fp16 autocast + channels_last for both paths (CUDA only; default on)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     on_gpu = args.device == "cuda"
     if on_gpu and not cuda:
         parser.error("--device cuda but CUDA is not available")
