@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch and torchvision must come as a matching pair from the registry (a local +cpu torch breaks torchvision).
 TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-gpu clean
 
 $(BIN)/sfc: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ test: install
 
 bench: install
 	$(BIN)/python bench/train_step.py
+
+# every benchmark on CUDA, the CUDA-only tests and the demo flow on CUDA in <= 8 min: bench/results/*-gpu.json.
+# No install step: a GPU machine may have only torch, torchvision and numpy (the demo flow is then skipped).
+BENCH_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+bench-gpu:
+	$(BENCH_PYTHON) bench/gpu_suite.py
 
 clean:
 	rm -rf runs .prefect data/synthetic

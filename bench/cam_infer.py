@@ -373,7 +373,7 @@ def median(values: list[float]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--images", type=int, default=None, help="default 100 on GPU, 16 on CPU")
@@ -394,10 +394,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--note", default=None, help="free-text note on the machine, stored in the JSON")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every path in this process (a smoke run: the paths then share warm caches; no "
+                             "OMP_WAIT_POLICY runs)")
     parser.add_argument("--role", choices=["reference", "project", "project_fp32"], help=argparse.SUPPRESS)
     parser.add_argument("--repeat", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
@@ -410,7 +413,9 @@ def main() -> None:
     args.max_size = args.max_size or (500 if cuda else 160)
     args.workers = args.workers if args.workers is not None else (2 if cuda else 1)
     args.amp = cuda if args.amp is None else args.amp
-    args.omp_passive = not cuda if args.omp_passive is None else args.omp_passive
+    args.omp_passive = not (cuda or args.in_process) if args.omp_passive is None else args.omp_passive
+    if args.omp_passive and args.in_process:
+        parser.error("--omp-passive needs a subprocess per run (OMP_WAIT_POLICY): drop --in-process")
     if args.role:
         print(json.dumps(run_role(args)))
         return
@@ -426,6 +431,11 @@ def main() -> None:
     try:
         for repeat in range(args.repeats):
             for role, passive in runs_per_repeat if repeat % 2 == 0 else runs_per_repeat[::-1]:  # A B.., ..B A
+                key = run_key(role, passive)
+                if args.in_process:
+                    runs[key].append(run_role(argparse.Namespace(**{**vars(args), "role": role, "repeat": repeat,
+                                                                     "workdir": str(tmp)})))
+                    continue
                 cmd = [sys.executable, __file__, "--role", role, "--repeat", str(repeat), "--workdir", str(tmp),
                        "--device", args.device, "--images", str(args.images), "--min-size", str(args.min_size),
                        "--max-size", str(args.max_size), "--sizes", args.sizes, "--workers", str(args.workers),
@@ -434,7 +444,6 @@ def main() -> None:
                        "--seed", str(args.seed)] + (["--npz"] if args.npz else [])
                 env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"} if passive else None
                 out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
-                key = run_key(role, passive)
                 runs[key].append(json.loads(out.strip().splitlines()[-1]))
                 print(f"repeat {repeat} {key}: {runs[key][-1]['images_per_second']:.3f} images/s", file=sys.stderr)
         reference_sink = ReferenceSink(tmp / "reference-0")

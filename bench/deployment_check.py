@@ -7,8 +7,9 @@ work pool, runs `prefect --no-prompt deploy --all` from the repository root, sta
 the `synthetic` deployment with tiny overrides (run and data folders in the temporary directory), waits for the
 flow run to complete and checks that it wrote `pipeline.json`. Then it triggers the `stages` deployment for one
 stage of the same run and checks that only that stage and the ones it reads were in the flow. Worker and server
-are stopped even when a step fails. Writes bench/results/deployment_check.json (durations, flow run ids, states)
-and exits non-zero on failure. `SFC_INTEGRATION=1 .venv/bin/python -m pytest tests/test_deployment.py` runs it.
+are stopped even when a step fails. Writes bench/results/deployment_check.json (durations, flow run ids, states;
+paths in the temporary folder as `<work>/...`, Python as its version, so nothing of this machine) and exits
+non-zero on failure. `SFC_INTEGRATION=1 .venv/bin/python -m pytest tests/test_deployment.py` runs it.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 import signal
@@ -279,6 +281,11 @@ def check(work: Path, result: dict[str, Any], timeout_s: float, stage: str | Non
             service.stop()
 
 
+def machine_independent(text: str, work: Path) -> str:
+    """The result file's text with the temporary folder's paths written as ``<work>/...``."""
+    return text.replace(str(work), "<work>")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for each flow run")
@@ -292,7 +299,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="sfc-deploy-check-"))
     result: dict[str, Any] = {"ok": False, "durations_s": {}, "flow_runs": [], "cpu_count": os.cpu_count(),
-                              "python": sys.executable}
+                              "python": platform.python_version()}
     started = time.monotonic()
     try:
         check(work, result, args.timeout, args.stage or None)
@@ -306,7 +313,7 @@ def main() -> int:
     finally:
         result["durations_s"]["total"] = round(time.monotonic() - started, 1)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+        args.out.write_text(machine_independent(json.dumps(result, indent=2), work))
     if result["ok"] and not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     else:

@@ -95,7 +95,7 @@ def batched(model, images: list[torch.Tensor], device: torch.device, layout, can
             padded[index, :, :image.shape[1], :image.shape[2]] = image
         logits = multiscale_logits(model, padded.to(device).contiguous(memory_format=layout), SCALES, True, "max")
         sizes = [tuple(image.shape[1:]) for image in chunk]
-        for probs in canvas_probabilities(logits, canvas, sizes, sizes):
+        for probs in canvas_probabilities(logits, (canvas, canvas), sizes, sizes):
             out.append(probs.argmax(0).to(torch.uint8).cpu().numpy())
     return out
 
@@ -109,7 +109,7 @@ def timed(fn, device: torch.device, amp: bool) -> tuple[list[np.ndarray], float]
     return result, time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if cuda else "cpu")
@@ -123,7 +123,7 @@ def main() -> None:
                         help="fp16 autocast + channels_last for both paths (CUDA only; default on)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     on_gpu = args.device == "cuda"
     if on_gpu and not cuda:
         parser.error("--device cuda but CUDA is not available")

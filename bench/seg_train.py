@@ -112,7 +112,7 @@ def run_mode(args: argparse.Namespace) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if cuda else "cpu")
@@ -125,7 +125,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed iterations; default 5 on GPU, 1 on CPU")
     parser.add_argument("--mode", choices=["fp32", "mixed"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    parser.add_argument("--in-process", action="store_true",
+                        help="run both modes in this process (a smoke run: peak memory is then not per mode)")
+    args = parser.parse_args(argv)
     on_gpu = args.device == "cuda"
     if on_gpu and not cuda:
         parser.error("--device cuda but CUDA is not available")
@@ -138,6 +140,9 @@ def main() -> None:
         return
     results = {}
     for mode in ("fp32", "mixed"):
+        if args.in_process:
+            results[mode] = run_mode(argparse.Namespace(**{**vars(args), "mode": mode}))
+            continue
         cmd = [sys.executable, __file__, "--mode", mode, "--device", args.device, "--arch", args.arch,
                "--backbone", args.backbone, "--batch", str(args.batch), "--iter-size", str(args.iter_size),
                "--size", str(args.size), "--steps", str(args.steps), "--warmup", str(args.warmup)]

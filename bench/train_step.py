@@ -94,7 +94,7 @@ def run_mode(args: argparse.Namespace) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
@@ -105,7 +105,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--mode", choices=["fp32", "mixed"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    parser.add_argument("--in-process", action="store_true",
+                        help="run both modes in this process (a smoke run: peak memory is then not per mode)")
+    args = parser.parse_args(argv)
     on_gpu = args.device.startswith("cuda")
     args.batch = args.batch or (16 if on_gpu else 4)
     args.size = args.size or (512 if on_gpu else 128)
@@ -115,6 +117,9 @@ def main() -> None:
         return
     results = {}
     for mode in ("fp32", "mixed"):
+        if args.in_process:
+            results[mode] = run_mode(argparse.Namespace(**{**vars(args), "mode": mode}))
+            continue
         cmd = [sys.executable, __file__, "--mode", mode, "--device", args.device, "--backbone", args.backbone,
                "--batch", str(args.batch), "--size", str(args.size), "--steps", str(args.steps),
                "--warmup", str(args.warmup)]

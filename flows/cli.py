@@ -33,14 +33,10 @@ def _stage_list(stages: str | None) -> list[str] | None:
 
 
 def _run_flow(cfg, stages: str | None, start: str | None) -> None:
-    from flows.dry_run import weights_problems
     from flows.pipeline import run_pipeline
     from storage.datasets.voc_layout import DataError
 
     try:
-        missing = weights_problems(cfg, _stage_list(stages), start)
-        if missing:
-            raise click.ClickException("\n  ".join(["missing weights:", *missing]))
         summary = run_pipeline(cfg, _stage_list(stages), start)
     except (DataError, ValueError) as err:
         raise click.ClickException(str(err)) from None

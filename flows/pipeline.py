@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from prefect.runtime import flow_run
 
 from flows.config import PipelineConfig, load_config
+from flows.dry_run import weights_problems
 from flows.stages import (STAGE_BY_NAME, STAGES, Stage, damaged_outputs, failure_url, manifest_url, select_stages,
                           started_url)
 from storage import fs
@@ -265,8 +266,11 @@ def task_runner(cfg: PipelineConfig) -> TaskRunner:
 
 
 def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None, start: str | None = None) -> dict:
-    """Run :func:`sfc_pipeline` for ``cfg`` on the task runner its ``run`` section asks for. An output location
-    that cannot be written fails here, before any server or stage starts."""
+    """Run :func:`sfc_pipeline` for ``cfg`` on the task runner its ``run`` section asks for. A missing weights file
+    of a stage that would run (``ValueError``) or an output location that cannot be written fails here, before any
+    server or stage starts, whether the run comes from the CLI or from a deployment."""
+    if missing := weights_problems(cfg, stages, start):
+        raise ValueError("\n  ".join(["missing weights:", *missing]))
     fs.makedirs(cfg.run_dir)
     return sfc_pipeline.with_options(task_runner=task_runner(cfg))(cfg.model_dump(mode="json"), stages, start)
 

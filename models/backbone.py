@@ -1,4 +1,4 @@
-"""ResNet backbones for SFC: output stride 16, frozen BatchNorm, frozen early stages (method doc section 3)."""
+"""ResNet backbones for SFC: output stride 16, frozen BatchNorm, frozen early stages (docs/method.md section 3)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""DeepLab segmenters for the segmentation stage (method doc section 9).
+"""DeepLab segmenters for the segmentation stage (docs/method.md section 9).
 
 ``deeplabv2`` is deeplab-pytorch's DeepLabV2-ResNet-101-MSC: a ResNet whose layer3 and layer4 trade their stride for
 dilation 2 and 4 (output stride 8), and an ASPP of four parallel 3x3 convolutions with dilation 6, 12, 18 and 24,
@@ -96,12 +96,20 @@ def msc_outputs(model: nn.Module, images: torch.Tensor, scales: Sequence[float] 
     return [full, *scaled, torch.stack([full, *resized]).amax(dim=0)]
 
 
+def resize_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Label maps (N, H, W) resized to ``size`` (h, w) by nearest neighbour at cell centres: output cell i takes
+    input cell floor((i + 0.5) H / h), as PIL's NEAREST in deeplab-pytorch (PIL rounds some exact ties, centres on
+    a cell boundary, down). torch's plain "nearest" takes floor(i H / h), which shifts the labels up-left by about
+    half an output cell."""
+    return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest-exact")[:, 0].long()
+
+
 def msc_cross_entropy(outputs: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
     """Sum over ``outputs`` of the pixel-mean cross-entropy against ``labels`` (N, H, W) resized to each output's
-    size by nearest neighbour (deeplab-pytorch); pixels labelled 255 are ignored (an all-ignored batch gives 0)."""
+    size by :func:`resize_labels`; pixels labelled 255 are ignored (an all-ignored batch gives 0)."""
     total = labels.new_zeros((), dtype=torch.float32)
     for logits in outputs:
-        target = F.interpolate(labels[:, None].float(), size=logits.shape[2:], mode="nearest")[:, 0].long()
+        target = resize_labels(labels, logits.shape[2:])
         loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
         total = total + loss / (target != IGNORE_INDEX).sum().clamp_min(1)
     return total

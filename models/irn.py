@@ -1,4 +1,4 @@
-"""The inter-pixel relation network (IRN) that SFC trains on IR labels (method doc section 7.2).
+"""The inter-pixel relation network (IRN) that SFC trains on IR labels (docs/method.md section 7.2).
 
 A frozen ResNet (output stride 16) feeds two new branches at stride 4: a class-boundary (edge) map and a
 displacement field. Affinities between pixel pairs within a radius are ``1 - max(edge on the path between them)``.
@@ -15,6 +15,7 @@ from models.backbone import ResNetBackbone
 
 STRIDE = 16  # network stride: an input padded to a multiple of it keeps every feature grid aligned
 FEATURE_STRIDE = 4  # resolution of the edge map and the displacement field
+EDGE_CANVAS = 512  # the reference's inference canvas for the edge map (the crop IRN trains on)
 _EPS = 1e-5
 
 
@@ -228,7 +229,7 @@ class IRNLosses:
 
 def irn_losses(edge_logits: torch.Tensor, displacement: torch.Tensor, label: torch.Tensor, paths: PathIndex,
                num_labels: int) -> IRNLosses:
-    """IRN's losses for a batch (method doc 7.2): masked means of the affinity and displacement terms.
+    """IRN's losses for a batch (docs/method.md section 7.2): masked means of the affinity and displacement terms.
 
     ``total = (pos + neg)/2 + (dp_fg + dp_bg)/2`` with ``pos = bg_pos/2 + fg_pos/2``.
     """
@@ -247,22 +248,38 @@ def irn_losses(edge_logits: torch.Tensor, displacement: torch.Tensor, label: tor
     return IRNLosses(bg_pos_loss, fg_pos_loss, neg_loss, dp_fg, dp_bg, total)
 
 
+def edge_canvas_size(height: int, width: int, canvas: int = EDGE_CANVAS) -> tuple[int, int]:
+    """The padded input size (H', W') of :func:`edge_map` for an image of (height, width).
+
+    ``canvas`` > 0: the reference's ``canvas`` x ``canvas`` square (512, the crop IRN trains on) when the image fits;
+    a larger image, where the reference fails, gets a square whose side is its longer side rounded up to a multiple
+    of 16. ``canvas`` 0: each side rounded up to a multiple of 16 only.
+    """
+    if canvas == 0:
+        return height + -height % STRIDE, width + -width % STRIDE
+    longer = max(height, width)
+    side = max(canvas, longer + -longer % STRIDE)
+    return side, side
+
+
 @torch.no_grad()
-def edge_map(model: IRNet, image: torch.Tensor) -> torch.Tensor:
+def edge_map(model: IRNet, image: torch.Tensor, canvas: int = EDGE_CANVAS) -> torch.Tensor:
     """Class-boundary probabilities (h, w) = :func:`feature_size` of a normalised (3, H, W) image of any size.
 
-    The image and its flip run as one batch of 2, right/bottom zero-padded to a multiple of the network stride
-    (the reference pads to a 512 canvas, which fails on larger images); the result is
-    ``sigmoid(e(x)/2 + flip(e(flip(x)))/2)`` cropped to the image's stride-4 size. The heads' GroupNorm statistics
-    thus cover the image plus < 16 px of padding instead of a 512 canvas, so values differ slightly from the
-    reference's on smaller images.
+    The image and its flip run as one batch of 2, zero-padded right and bottom to :func:`edge_canvas_size`; the
+    result is ``sigmoid(e(x)/2 + flip(e(flip(x)))/2)`` cropped to the image's stride-4 size, as the reference's
+    ``EdgeDisplacement``. The edge heads' GroupNorm statistics cover the padding too, so the canvas changes the
+    values (docs/refinement.md).
     """
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"expected a (3, H, W) image, got shape {tuple(image.shape)}")
+    if canvas < 0 or canvas % STRIDE:
+        raise ValueError(f"edge canvas must be 0 or a positive multiple of {STRIDE}, got {canvas}")
     height, width = image.shape[1:]
+    padded_height, padded_width = edge_canvas_size(height, width, canvas)
     device = next(model.parameters()).device
     pair = torch.stack([image, image.flip(-1)]).to(device)
-    pair = F.pad(pair, (0, -width % STRIDE, 0, -height % STRIDE))
+    pair = F.pad(pair, (0, padded_width - width, 0, padded_height - height))
     h, w = feature_size(height, width)
     logits = model.edge_logits(pair)[:, 0, :h, :w]
     return torch.sigmoid(logits[0] / 2 + logits[1].flip(-1) / 2)

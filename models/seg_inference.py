@@ -1,8 +1,8 @@
 """Batched multi-scale + flip inference of a segmenter on padded canvases (docs/method.md section 9).
 
 Images arrive as a batch of equal canvases (each image at the top-left, padded with the normalised mean, i.e. 0, as
-Caffe DeepLab's 513 x 513 test input). Per scale the whole batch is resized once (bilinear, as deeplab-pytorch's
-MSC) and its horizontal flips are appended, so one forward covers every image and flip of that scale.
+Caffe DeepLab's 513 x 513 test input), or one unpadded image (deeplab-pytorch's ``test``). Per scale the whole
+batch is resized once (bilinear, as deeplab-pytorch's MSC) and its horizontal flips are appended, so one forward covers every image and flip of that scale.
 """
 from __future__ import annotations
 
@@ -45,12 +45,13 @@ def multiscale_logits(model: nn.Module, canvas: torch.Tensor, scales: Sequence[f
     return stacked.amax(dim=0) if fusion == "max" else stacked.mean(dim=0)
 
 
-def canvas_probabilities(logits: torch.Tensor, canvas: int, contents: Sequence[tuple[int, int]],
+def canvas_probabilities(logits: torch.Tensor, input_size: Sequence[int], contents: Sequence[tuple[int, int]],
                          sizes: Sequence[tuple[int, int]]) -> list[torch.Tensor]:
-    """Per-image class probabilities (C, H, W) from fused canvas logits (B, C, h, w): upsampled to the canvas
-    (bilinear), cropped to each image's content (h_i, w_i) at the top-left, resized to its original size (H_i, W_i)
-    where the image was shrunk to fit the canvas, softmax over classes."""
-    full = F.interpolate(logits, size=(canvas, canvas), mode="bilinear", align_corners=False)
+    """Per-image class probabilities (C, H, W) from fused logits (B, C, h, w) of inputs of ``input_size`` (a canvas,
+    or an unpadded image): upsampled to the input (bilinear), cropped to each image's content (h_i, w_i) at the
+    top-left, resized to its original size (H_i, W_i) where the image was shrunk to fit the canvas, softmax over
+    classes."""
+    full = F.interpolate(logits, size=tuple(input_size), mode="bilinear", align_corners=False)
     out = []
     for index, ((height, width), size) in enumerate(zip(contents, sizes)):
         crop = full[index:index + 1, :, :height, :width]

@@ -1,4 +1,4 @@
-"""The SFC network: classifier CAM refined by PCM, and the prototype CAM (method doc section 3)."""
+"""The SFC network: classifier CAM refined by PCM, and the prototype CAM (docs/method.md section 3)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

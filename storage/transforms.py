@@ -3,11 +3,15 @@ normalisation, horizontal flip, random crop into a zero canvas with a valid-pixe
 (section 9, deeplab-pytorch): random scale of image and label, normalisation, padded random crop, horizontal flip."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from PIL import Image
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+SEG_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)  # deeplab-pytorch's VOC scale set
+SCALE_INTERPOLATIONS = ("linear", "pil_bilinear")
 
 
 def random_resize_long(image: Image.Image, low: int, high: int, rng: np.random.Generator) -> Image.Image:
@@ -69,23 +73,72 @@ def augment_for_cam_training(
     return np.ascontiguousarray(array.transpose(2, 0, 1)), valid[None]
 
 
+@dataclass(frozen=True)
+class SegScaling:
+    """The scale augmentation of segmentation training: a factor drawn from ``scales`` (uniform choice, the
+    deeplab-pytorch default) or, when ``scale_range`` is set, from U(low, high); the image is resized with
+    ``interpolation`` (``linear``: OpenCV's INTER_LINEAR as deeplab-pytorch; ``pil_bilinear``: PIL's antialiased
+    bilinear), the label with PIL's nearest neighbour."""
+
+    scales: tuple[float, ...] = SEG_SCALES
+    scale_range: tuple[float, float] | None = None
+    interpolation: str = "linear"
+
+    def draw(self, rng: np.random.Generator) -> float:
+        if self.scale_range is not None:
+            return float(rng.uniform(*self.scale_range))
+        return float(self.scales[int(rng.integers(len(self.scales)))])
+
+
+def resize_linear(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An (H, W, C) float array resized to ``size`` (h, w) as OpenCV's INTER_LINEAR on float images: half-pixel
+    centres, two taps per axis, coordinates clamped at the borders, no antialiasing when shrinking."""
+    rows, row_weights = _linear_taps(array.shape[0], size[0])
+    cols, col_weights = _linear_taps(array.shape[1], size[1])
+    out = array[rows[0]] * (1 - row_weights)[:, None, None] + array[rows[1]] * row_weights[:, None, None]
+    out = out[:, cols[0]] * (1 - col_weights)[None, :, None] + out[:, cols[1]] * col_weights[None, :, None]
+    return out.astype(array.dtype)
+
+
+def _linear_taps(length: int, size: int) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+    """(first and second source index, weight of the second) of each of ``size`` outputs along an axis of
+    ``length`` inputs."""
+    position = (np.arange(size) + 0.5) * (length / size) - 0.5
+    first = np.floor(position).astype(np.int64)
+    weight = (position - first).astype(np.float32)
+    weight[first < 0] = 0
+    weight[first >= length - 1] = 0
+    first = np.clip(first, 0, length - 1)
+    return (first, np.minimum(first + 1, length - 1)), weight
+
+
+def rescale_pair(image: Image.Image, label: np.ndarray, factor: float, interpolation: str
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Image and label scaled by ``factor`` to (int(H factor), int(W factor)) as deeplab-pytorch: the normalised
+    image (h, w, 3) float32 (``interpolation`` as :class:`SegScaling`), the label (h, w) by PIL's nearest."""
+    width, height = image.size
+    size = (max(1, int(width * factor)), max(1, int(height * factor)))
+    label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+    if interpolation == "pil_bilinear":
+        return normalize(np.asarray(image.resize(size, Image.BILINEAR))), label
+    if interpolation != "linear":
+        raise ValueError(f"unknown interpolation {interpolation!r}; allowed: {', '.join(SCALE_INTERPOLATIONS)}")
+    return resize_linear(normalize(np.asarray(image)), size[::-1]), label
+
+
 def augment_for_segmentation(
-    image: Image.Image, label: np.ndarray, crop: int, scale_range: tuple[float, float], rng: np.random.Generator,
+    image: Image.Image, label: np.ndarray, crop: int, scaling: SegScaling, rng: np.random.Generator,
     ignore_index: int = 255,
 ) -> tuple[np.ndarray, np.ndarray]:
     """deeplab-pytorch's training augmentation of an (image, label map) pair.
 
-    Scale both by one factor uniform in ``scale_range`` (image bilinear, label nearest), normalise, crop a random
-    ``crop`` x ``crop`` window (a smaller side is placed at a random offset; padding is 0 in the normalised image,
-    i.e. the mean colour, and ``ignore_index`` in the label), flip horizontally with p = 0.5.
+    Scale both by one factor of ``scaling`` (:func:`rescale_pair`), crop a random ``crop`` x ``crop`` window (a
+    smaller side is placed at a random offset; padding is 0 in the normalised image, i.e. the mean colour, and
+    ``ignore_index`` in the label), flip horizontally with p = 0.5.
     Returns the image (3, crop, crop) float32 and the label (crop, crop) int64.
     """
-    factor = rng.uniform(*scale_range)
-    width, height = image.size
-    size = (max(1, int(width * factor)), max(1, int(height * factor)))
-    image = image.resize(size, Image.BILINEAR)
-    label_image = Image.fromarray(label).resize(size, Image.NEAREST)
-    stacked = np.concatenate([normalize(np.asarray(image)), np.asarray(label_image, dtype=np.float32)[..., None]], 2)
+    array, label = rescale_pair(image, label, scaling.draw(rng), scaling.interpolation)
+    stacked = np.concatenate([array, label.astype(np.float32)[..., None]], 2)
     stacked, valid = random_crop(stacked, crop, rng)
     if rng.random() < 0.5:
         stacked, valid = stacked[:, ::-1], valid[:, ::-1]

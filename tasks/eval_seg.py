@@ -1,11 +1,12 @@
 """Stage 4b: segmentation inference (multi-scale + flip, optional dense CRF) and evaluation against ground truth;
-test-split predictions exported for the PASCAL VOC evaluation server (method doc sections 8 and 9).
+test-split predictions exported for the PASCAL VOC evaluation server (docs/method.md sections 8 and 9).
 
-What "deeplab-style test at 513" means here: Caffe DeepLab pads every test image bottom/right with the mean colour
-to a fixed 513 x 513 input (every VOC image fits, long side <= 500); deeplab-pytorch's MSC then resizes that input
-to each scale. We do the same: each image sits at the top-left of a ``test_size`` x ``test_size`` canvas padded with
-the mean (0 after normalisation); an image with a longer side is first shrunk to fit (VOC never is), smaller images
-are never enlarged. Canvases of equal size let one forward per scale cover a whole batch of images and their flips.
+Two input protocols. ``test_size: null`` is deeplab-pytorch's ``test``: each image whole at its own size, one per
+forward (its 513 is never read there); with ``flip: false`` and scales 0.5/0.75/1.0 it is the reference's protocol.
+``test_size: N`` is Caffe DeepLab's "test at 513": every image sits at the top-left of an N x N canvas padded with
+the mean colour (0 after normalisation; an image with a longer side is first shrunk to fit, VOC never is), so that
+one forward per scale covers a whole batch of images and their flips; the padding changes the predictions near it
+(docs/segmentation.md).
 """
 from __future__ import annotations
 
@@ -54,15 +55,19 @@ VOC_RESULTS_DIR = "results/VOC2012/Segmentation/comp6_test_cls"
 
 
 class EvalSegConfig(BaseModel):
-    """Segmentation inference and evaluation; defaults are deeplab-pytorch's test settings plus flip."""
+    """Segmentation inference and evaluation; defaults are Caffe DeepLab's 513 canvas plus flip (configs/voc.yaml
+    sets deeplab-pytorch's protocol: ``test_size: null``, ``flip: false``)."""
 
     model_config = ConfigDict(extra="forbid")
     scales: tuple[float, ...] = Field((0.5, 0.75, 1.0), description="input scales (deeplab MSC: 0.5, 0.75, 1.0)")
     fusion: Literal[FUSIONS] = Field(  # type: ignore[valid-type]
         "max", description="how the scales' logits are fused (deeplab MSC: max)")
     flip: bool = Field(True, description="also run each scale's horizontal flip and average the logits")
-    test_size: int = Field(513, ge=16, description="side of the padded square input; larger images are shrunk")
-    batch_size: int = Field(4, ge=1, description="images per forward (each scale's forward holds 2x with flip)")
+    test_size: int | None = Field(
+        513, ge=16, description="side of the padded square input, larger images shrunk to fit; null: each image "
+                                "whole and unpadded, one per forward (deeplab-pytorch's test)")
+    batch_size: int = Field(4, ge=1, description="images per forward on canvases (each scale's forward holds 2x with "
+                                                 "flip); unpadded images go one at a time")
     crf: bool = Field(True, description="also score after dense-CRF post-processing (deeplab-pytorch's values)")
     crf_workers: int | None = Field(None, ge=1, description="CRF processes; null: one per core")
     crf_chunk: int = Field(64, ge=1, description="images whose probabilities are held for one parallel CRF pass")
@@ -105,9 +110,10 @@ def _names(names: Sequence[str]) -> str:
 def predict_probs(model: torch.nn.Module, split: Split, ids: Sequence[str], cfg: EvalSegConfig,
                   device: torch.device) -> Iterator[tuple[str, np.ndarray]]:
     """(id, class probabilities (C, H, W) float32 at the image's size) for each id, in order: batches of padded
-    canvases through :func:`models.seg_inference.multiscale_logits`."""
+    canvases, or single unpadded images, through :func:`models.seg_inference.multiscale_logits`."""
     use_amp = cfg.amp and device.type == "cuda"
-    loader = DataLoader(CanvasSet(split, ids, cfg.test_size), batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+    batch_size = cfg.batch_size if cfg.test_size else 1
+    loader = DataLoader(CanvasSet(split, ids, cfg.test_size), batch_size=batch_size, num_workers=cfg.num_workers,
                         collate_fn=collate_canvases, pin_memory=device.type == "cuda",
                         generator=torch.Generator())  # leaves the global RNG of a calling training untouched
     for batch in loader:
@@ -116,7 +122,7 @@ def predict_probs(model: torch.nn.Module, split: Split, ids: Sequence[str], cfg:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, enabled=use_amp):
             logits = multiscale_logits(model, images, cfg.scales, cfg.flip, cfg.fusion)
-        probs = canvas_probabilities(logits, cfg.test_size, batch["content"], batch["size"])
+        probs = canvas_probabilities(logits, images.shape[2:], batch["content"], batch["size"])
         for image_id, p in zip(batch["id"], probs):
             yield image_id, p.cpu().numpy()
 

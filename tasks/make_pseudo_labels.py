@@ -1,8 +1,8 @@
 """Stage 3c: pseudo labels for the segmenter from the stored CAMs, one VOC-palette PNG per image.
 
-Methods (``method``): ``irn`` random walk on the boundary map of the trained IRN (the reference's VOC path, method
-doc section 7.3), ``crf`` dense CRF on the fused CAM's label map (the reference's COCO path replaces IRN by a
-dense CRF), ``none`` the fused CAM's argmax. The IRN network comes from ``tasks.train_irn`` / ``models.irn``.
+Methods (``method``): ``irn`` random walk on the boundary map of the trained IRN (the reference's VOC path,
+docs/method.md section 7.3), ``crf`` dense CRF on the fused CAM's label map (the reference's COCO path replaces IRN
+by a dense CRF), ``none`` the fused CAM's argmax. The IRN network comes from ``tasks.train_irn`` / ``models.irn``.
 """
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Literal
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from models.irn import EDGE_CANVAS, STRIDE
 from models.pseudo_labels import RandomWalkParams
 from storage.digests import file_digest
 from storage.tracking import Tracker
@@ -38,6 +39,10 @@ class PseudoLabelConfig(BaseModel):
     bg: float = Field(0.25, ge=0, description="random walk: constant background of the foreground-only branch")
     double_power: bool = Field(True, description="random walk: raise the all-channel branch to power twice, as "
                                                  "the reference does (total 1.69); false: once")
+    edge_canvas: int = Field(
+        EDGE_CANVAS, ge=0, description="random walk: side of the zero-padded square on which IRN computes the "
+                                       "boundary map (the reference: 512; a larger image gets its longer side "
+                                       "rounded up to a multiple of 16); 0: pad each side to a multiple of 16 only")
     bg_threshold: float | None = Field(
         None, ge=0, le=1, description="crf / none: background score against the foreground scores in [0, 1] "
                                       "(tasks.eval_cam's best threshold); null: the stored background channel")
@@ -45,6 +50,13 @@ class PseudoLabelConfig(BaseModel):
     crf: CrfConfig = CrfConfig()
     workers: int | None = Field(None, ge=1, description="worker processes (default one per core); method irn on "
                                                         "a CUDA device runs in one process")
+
+    @field_validator("edge_canvas")
+    @classmethod
+    def _canvas_multiple_of_stride(cls, canvas: int) -> int:
+        if canvas % STRIDE:
+            raise ValueError(f"edge_canvas must be 0 or a multiple of {STRIDE} (IRN's stride), got {canvas}")
+        return canvas
 
     def random_walk_params(self) -> RandomWalkParams:
         return RandomWalkParams(self.proto_weight, self.power, self.bg, self.double_power, self.radius, self.beta,
@@ -71,7 +83,7 @@ def make_pseudo_labels(cfg: PseudoLabelConfig, store_url: str, split_url: str, o
     workers = 1 if on_accelerator else cfg.workers or default_workers()
     job = PseudoLabelJob(store_url, out_dir, cfg.method, cfg.proto_weight, cfg.bg_threshold, cfg.gt_prob,
                          cfg.crf.params(), cfg.random_walk_params(), str(torch_device), irn_checkpoint,
-                         max(1, default_workers() // workers))
+                         cfg.edge_canvas, max(1, default_workers() // workers))
     manifest = write_all(job, split, out_dir, workers, f"pseudo_labels[{cfg.method}]", shard)
     manifest.update({"method": cfg.method, "device": str(torch_device), "irn_checkpoint": irn_checkpoint,
                      "settings_digest": digest})

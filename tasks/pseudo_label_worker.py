@@ -23,13 +23,14 @@ def _irn_model(checkpoint_url: str, device: str):
     return load_irn(checkpoint_url, device)
 
 
-def edge_map_of(image: np.ndarray, checkpoint_url: str, device: str) -> torch.Tensor:
-    """IRN's (h/4, w/4) boundary map in [0, 1] of an RGB uint8 image, on ``device``."""
+def edge_map_of(image: np.ndarray, checkpoint_url: str, device: str, canvas: int) -> torch.Tensor:
+    """IRN's (h/4, w/4) boundary map in [0, 1] of an RGB uint8 image on a ``canvas`` input
+    (:func:`models.irn.edge_map`), on ``device``."""
     from models.irn import edge_map
 
     tensor = normalized_tensor(Image.fromarray(image)).to(device)
     with torch.no_grad():
-        return edge_map(_irn_model(checkpoint_url, device), tensor)
+        return edge_map(_irn_model(checkpoint_url, device), tensor, canvas)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class PseudoLabelJob:
     walk: RandomWalkParams
     device: str
     irn_checkpoint: str | None
+    edge_canvas: int
     threads: int
 
     def __call__(self, item: tuple[str, str]) -> np.ndarray:
@@ -62,7 +64,7 @@ class PseudoLabelJob:
             labels = crf_labels(image, keys, proto_cam, cam, self.proto_weight, self.bg_threshold, self.gt_prob,
                                 self.crf)
         else:
-            edge = edge_map_of(image, self.irn_checkpoint, self.device).to(self.device, torch.float32)
+            edge = edge_map_of(image, self.irn_checkpoint, self.device, self.edge_canvas).to(self.device, torch.float32)
             with torch.no_grad():
                 labels = random_walk_labels(keys, torch.from_numpy(proto_cam).to(self.device),
                                             torch.from_numpy(cam).to(self.device), edge, self.walk)

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from models.backbone import BACKBONES, NORMS
 from models.cam_eval import ThresholdSweep
+from models.metrics import ConfusionMatrix
 from models.class_weights import WEIGHT_MODES, distribution_weights
 from models.image_bank import ImageBank
 from models.losses import LossWeights, sfc_step_losses
@@ -51,7 +52,7 @@ class IBRConfig(BaseModel):
 
 
 class TrainCamConfig(BaseModel):
-    """CAM training (method doc sections 3-5); defaults are the reference's."""
+    """CAM training (docs/method.md sections 3-5); defaults are the reference's."""
 
     model_config = ConfigDict(extra="forbid")
     method: Literal["sfc", "baseline"] = Field(
@@ -82,10 +83,12 @@ class TrainCamConfig(BaseModel):
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(1, ge=1)
     validate_every: int = Field(
-        0, ge=0, description="single-scale CAM mIoU on the val split every N steps; 0: at the end only")
-    val_max_images: int | None = Field(None, ge=1)
+        0, ge=0, description="selection final: single-scale CAM mIoU sweep on the val split every N steps (0: at "
+                             "the end only); best_gt: the reference's selection validation every N steps")
+    val_max_images: int | None = Field(None, ge=1, description="limit the images of either validation")
     selection: Literal["final", "best_gt"] = Field(
-        "final", description="best_gt: keep the checkpoint with the best val mIoU (uses ground truth; deviation)")
+        "final", description="final: the last model; best_gt: the reference's best.pth, chosen on the seed split's "
+                             "ground truth (argmax mIoU of K + of P, after steps 1 + n x validate_every above 10)")
     amp: bool = Field(False, description="mixed precision (CUDA only)")
     channels_last: bool = False
 
@@ -96,12 +99,12 @@ class TrainCamConfig(BaseModel):
             raise ValueError(f"crop must be a multiple of 32 (the 0.5-scale CAM must be half the full one), got {crop}")
         return crop
 
-    @field_validator("weights")
-    @classmethod
-    def _weights_exist(cls, url: str | None) -> str | None:
-        if url is not None and not fs.exists(url):
-            raise ValueError(f"weights file {url} does not exist")
-        return url
+    @model_validator(mode="after")
+    def _selection_validates(self) -> TrainCamConfig:
+        if self.selection == "best_gt" and not self.validate_every:
+            raise ValueError("selection best_gt chooses among the validated steps: set validate_every (the "
+                             "reference: 300)")
+        return self
 
     @model_validator(mode="after")
     def _sizes_consistent(self) -> TrainCamConfig:
@@ -146,6 +149,34 @@ def validate_cams(model: SFCNet, split: Split, device: torch.device, max_images:
     return results
 
 
+@torch.no_grad()
+def reference_validation(model: SFCNet, split: Split, device: torch.device, max_images: int | None = None) -> dict:
+    """The reference's train-time validation (docs/method.md section 4): each image whole, single scale, no flip,
+    its label with background as the valid mask; the PCM CAM (K) and the prototype CAM (P) each upsampled to the
+    image (bilinear), divided by their spatial maximum + 1e-5 and argmaxed over all channels. Returns both mIoUs and
+    their sum, the selection score."""
+    model.eval()
+    matrices = {key: ConfusionMatrix(len(split.class_names)) for key in ("cam", "proto_cam")}
+    loader = DataLoader(FullImageSet(split), batch_size=1, num_workers=0)
+    for index, batch in enumerate(loader):
+        if max_images is not None and index >= max_images:
+            break
+        image, label, mask = batch["image"].to(device), batch["label"].to(device), batch["mask"][0]
+        out = model(image, torch.cat([label.new_ones(1, 1), label], dim=1)[:, :, None, None])
+        for key, matrix in matrices.items():
+            cam = F.interpolate(getattr(out, key), size=mask.shape, mode="bilinear", align_corners=False)
+            matrix.update(mask, max_normalize(cam)[0].argmax(0).cpu())
+    model.train()
+    mious = {key: matrix.scores(split.class_names)["miou"] for key, matrix in matrices.items()}
+    return {"miou_cam": mious["cam"], "miou_proto": mious["proto_cam"], "score": mious["cam"] + mious["proto_cam"]}
+
+
+def selection_steps(total_steps: int, every: int) -> list[int]:
+    """The steps after which the reference validates for ``best.pth``: k > 10 with (k - 1) % every == 0 (its log
+    prints them as k - 1: 300, 600, ...); the final model is not a candidate unless it is one of them."""
+    return [k for k in range(every + 1, total_steps + 1, every) if k > 10]
+
+
 def train_cam(
     cfg: TrainCamConfig,
     train_split_url: str,
@@ -154,8 +185,12 @@ def train_cam(
     seed: int,
     device: str = "auto",
     tracker: Tracker | None = None,
+    seed_split_url: str | None = None,
 ) -> dict:
     """Train the CAM network on the training split; returns the stage manifest (also written to ``out_dir``).
+
+    With ``selection: best_gt`` the model is validated as the reference does on the seed split (masks) after each
+    of :func:`selection_steps`, and the best one is kept as ``best.pt`` and handed on.
 
     Periodic checkpoints hold model, optimiser, scheduler, step, RNG states and the image bank, so a killed run
     resumes from the last one and ends with the same weights. A finished stage (manifest with the same config
@@ -196,12 +231,13 @@ def train_cam(
     loss_weights = LossWeights(cfg.loss_proto_weight, cfg.loss_scale_weight) if sfc else LossWeights(0.0, 0.0)
 
     ckpt_dir = fs.join(out_dir, "checkpoints")
-    start_step = 0
+    start_step, selection = 0, {"best_step": None, "best_score": 0.0, "history": []}
     if (state := latest_training_state(ckpt_dir, cfg_hash)) is not None:
         start_step = restore_training_state(state, model, optimizer, scheduler, scaler)
         own = restore_rank_state(state, ranks)
         if bank is not None:
             bank.load_state_dict(own["image_bank"])
+        selection = state.get("selection") or selection
     train_model = ranks.wrap(model, torch_device)
 
     tracker.log_params({"train_cam": cfg.model_dump(), "seed": seed, "total_steps": total_steps,
@@ -213,10 +249,11 @@ def train_cam(
                         num_workers=cfg.num_workers, pin_memory=torch_device.type == "cuda",
                         persistent_workers=False)
     val_split = load_split_file(val_split_url) if val_split_url else None
+    seed_split, candidates = _selection_plan(cfg, seed_split_url, total_steps)
     meta = {"backbone": cfg.backbone, "norm": cfg.norm, "trainable_from": cfg.trainable_from,
             "bg_seed_scale": cfg.bg_seed_scale, "num_classes": split.num_classes,
             "class_names": list(split.class_names), "config_hash": cfg_hash}
-    best_score, best_url = -1.0, fs.join(out_dir, BEST)
+    best_url = fs.join(out_dir, BEST)
     started, images_seen = time.perf_counter(), 0
     history: list[dict[str, float]] = []
     progress = tqdm(total=total_steps, initial=start_step, desc="train_cam", unit="step", dynamic_ncols=True,
@@ -244,17 +281,19 @@ def train_cam(
         done = step + 1
         report_step(progress, tracker, values, {"lr_backbone": lrs[0], "lr_new_layers": lrs[1]}, done, total_steps,
                     cfg.log_every)
+        if ranks.is_main and done in candidates:
+            _select(model, seed_split, torch_device, cfg, tracker, done, selection, best_url, meta)
         if done % cfg.checkpoint_every == 0 and done < total_steps:
             bank_state = bank.state_dict() if bank is not None else None
             per_rank = rank_states(ranks, image_bank=bank_state)
             if ranks.is_main:
                 save_training_state(ckpt_dir, training_state(
-                    done, cfg_hash, model, optimizer, scheduler, scaler, image_bank=bank_state, **per_rank),
-                    cfg.keep_checkpoints)
+                    done, cfg_hash, model, optimizer, scheduler, scaler, image_bank=bank_state, selection=selection,
+                    **per_rank), cfg.keep_checkpoints)
             ranks.barrier()
-        if ranks.is_main and val_split is not None and cfg.validate_every and done % cfg.validate_every == 0 \
-                and done < total_steps:
-            best_score = _validate(model, val_split, torch_device, cfg, tracker, done, best_score, best_url, meta)
+        if ranks.is_main and val_split is not None and cfg.selection == "final" and cfg.validate_every \
+                and done % cfg.validate_every == 0 and done < total_steps:
+            _validate(model, val_split, torch_device, cfg, tracker, done, out_dir)
     progress.close()
     seconds = time.perf_counter() - started
     if not ranks.is_main:
@@ -269,10 +308,13 @@ def train_cam(
         **loss_summary(history),
     }
     if val_split is not None:
-        best_score = _validate(model, val_split, torch_device, cfg, tracker, total_steps, best_score, best_url, meta)
+        _validate(model, val_split, torch_device, cfg, tracker, total_steps, out_dir)
         manifest["validation"] = json.loads(fs.read_text(fs.join(out_dir, VAL_SCORES)))["summary"]
-        if cfg.selection == "best_gt":
-            manifest["checkpoint"] = best_url
+    if cfg.selection == "best_gt":
+        if selection["best_step"] is None:
+            raise ValueError(f"selection best_gt: no validated step scored above 0 on split {seed_split.name!r}")
+        manifest["checkpoint"] = best_url
+        manifest["selection"] = {"split": seed_split.name, **selection}
     tracker.log_metrics({"train_seconds": seconds, "images_per_second": manifest["images_per_second"] or 0.0})
     tracker.set_tags({"final_checkpoint": final_url, "selected_checkpoint": manifest["checkpoint"]})
     fs.write_text(manifest_url, json.dumps(manifest, indent=2))
@@ -284,10 +326,38 @@ def _save_model(url: str, model: SFCNet, meta: dict, step: int) -> None:
     checkpoints.save(url, {"model": model.state_dict(), "meta": meta, "step": step})
 
 
+def _selection_plan(cfg: TrainCamConfig, seed_split_url: str | None,
+                    total_steps: int) -> tuple[Split | None, list[int]]:
+    """The seed split and the steps validated for ``selection: best_gt`` (none for ``final``); a plan that
+    cannot select (no seed split, no validated step) is an error before training."""
+    if cfg.selection != "best_gt":
+        return None, []
+    if not seed_split_url:
+        raise ValueError("train_cam.selection best_gt validates on the seed split (data.seed_split); none was given")
+    candidates = selection_steps(total_steps, cfg.validate_every)
+    if not candidates:
+        raise ValueError(f"train_cam.selection best_gt: no step of {total_steps} is validated with validate_every="
+                         f"{cfg.validate_every} (the reference validates after steps k > 10 with (k - 1) % N == 0)")
+    return load_split_file(seed_split_url), candidates
+
+
+def _select(model: SFCNet, split: Split, device: torch.device, cfg: TrainCamConfig, tracker: Tracker, step: int,
+            selection: dict, best_url: str, meta: dict) -> None:
+    """The reference's validation after ``step``, added to ``selection``; the model becomes ``best_url`` when its
+    score beats the best so far (strictly, starting from 0, as the reference)."""
+    result = reference_validation(model, split, device, cfg.val_max_images)
+    tracker.log_metrics({f"select_{key}": value for key, value in result.items()}, step=step)
+    log.info("selection on %s after step %d: mIoU K %.4f + P %.4f", split.name, step, result["miou_cam"],
+             result["miou_proto"])
+    selection["history"].append({"step": step, **result})
+    if result["score"] > selection["best_score"]:
+        _save_model(best_url, model, meta, step)
+        selection.update(best_step=step, best_score=result["score"])
+
+
 def _validate(model: SFCNet, split: Split, device: torch.device, cfg: TrainCamConfig, tracker: Tracker, step: int,
-              best_score: float, best_url: str, meta: dict) -> float:
-    """Validate, log, write the scores next to ``best_url``; with ``selection=best_gt`` keep the best model.
-    Returns the best selection score so far (mIoU(K) + mIoU(P), as the reference)."""
+              out_dir: str) -> None:
+    """Validate (threshold sweeps of K and P), log, and write the scores to ``out_dir``."""
     results = validate_cams(model, split, device, cfg.val_max_images)
     summary = {
         "val_miou_cam": results["cam"]["best"]["miou"],
@@ -301,14 +371,8 @@ def _validate(model: SFCNet, split: Split, device: torch.device, cfg: TrainCamCo
         tracker.log_metrics(class_metrics(results[key]["best"], f"val_{key}"), step=step)
     log.info("\n%s", format_table(results["cam"]["best"],
                                    f"val: PCM CAM at step {step}, threshold {summary['val_threshold_cam']}"))
-    out_dir = best_url.rsplit("/", 1)[0]
     fs.write_text(fs.join(out_dir, VAL_SCORES), json.dumps({"step": step, "summary": summary, **results}, indent=2))
     tracker.log_text(format_table(results["cam"]["best"]), f"train_cam/val_cam_step{step}.txt")
-    score = summary["val_miou_cam"] + summary["val_miou_proto"]
-    if cfg.selection == "best_gt" and score > best_score:
-        _save_model(best_url, model, meta, step)
-        return score
-    return max(best_score, score)
 
 
 train_cam_task = task(train_cam, name="train_cam", cache_policy=NO_CACHE)

@@ -1,4 +1,5 @@
-"""Stage 3a: train the inter-pixel relation network (IRN) on IR labels, resumable from checkpoints (method doc 7.2).
+"""Stage 3a: train the inter-pixel relation network (IRN) on IR labels, resumable from checkpoints
+(docs/method.md section 7.2).
 
 Deviations available as options (reference defaults): ``scale_range`` (the reference's effective U[0.5, 1.0]; IRN
 and SIPE use [0.5, 1.5]), ``weights`` may name a CAM checkpoint of this project instead of ImageNet weights (the
@@ -44,7 +45,7 @@ KIND = "irn"
 
 
 class TrainIrnConfig(BaseModel):
-    """IRN training (method doc 7.2); defaults are the reference's."""
+    """IRN training (docs/method.md section 7.2); defaults are the reference's."""
 
     model_config = ConfigDict(extra="forbid")
     backbone: Literal[BACKBONES] = "resnet50"  # type: ignore[valid-type]

@@ -1,4 +1,4 @@
-"""Stage 4a: train a DeepLab segmenter on the pseudo labels (deeplab-pytorch's VOC recipe, method doc section 9),
+"""Stage 4a: train a DeepLab segmenter on the pseudo labels (deeplab-pytorch's VOC recipe, docs/method.md section 9),
 validating against ground truth, resumable from checkpoints."""
 from __future__ import annotations
 
@@ -25,13 +25,14 @@ from storage.datasets.segmentation import SegTrainingSet, check_label_maps, pseu
 from storage.datasets.split_files import load_split_file, load_split_with_masks
 from storage.datasets.voc_layout import DataError, Split
 from storage.reports import class_metrics, format_table
+from storage.transforms import SCALE_INTERPOLATIONS, SEG_SCALES, SegScaling
 from storage.tracking import Tracker
 from tasks import distributed
 from tasks.distributed import RankBatches, seeded_model, sync_grads
 from tasks.eval_seg import EvalSegConfig, predict_probs, read_target
 from tasks.resume import (LOSS_WINDOW, finished_manifest, latest_training_state, rank_states, restore_rank_state,
                           report_step, restore_training_state, save_training_state, training_state)
-from tasks.common import (CAM_WEIGHTS, amp_enabled, config_hash, load_backbone_weights, resolve_device,
+from tasks.common import (amp_enabled, config_hash, load_backbone_weights, resolve_device,
                           unresolved_cam_weights)
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,13 @@ class TrainSegConfig(BaseModel):
     msc_scales: tuple[float, ...] = Field(
         MSC_SCALES, description="MSC training: extra input scales whose logits (and their max) are also supervised")
     crop: int = Field(321, ge=16)
-    scale_range: tuple[float, float] = (0.5, 1.5)
+    scales: tuple[float, ...] = Field(
+        SEG_SCALES, description="scale augmentation: one factor per crop, drawn uniformly from this set (deeplab)")
+    scale_range: tuple[float, float] | None = Field(
+        None, description="when set, the factor is drawn from U(low, high) instead of from scales (deviation)")
+    scale_interpolation: Literal[SCALE_INTERPOLATIONS] = Field(  # type: ignore[valid-type]
+        "linear", description="image resize of the scale augmentation: linear = OpenCV INTER_LINEAR as deeplab "
+                              "(no antialiasing); pil_bilinear = PIL's antialiased bilinear (deviation)")
     repeat_threshold: float | None = Field(
         None, gt=0, le=1, description="repeat-factor sampling on the image-level labels: images with classes "
         "rarer than this fraction of the images come more often (null: every image once per epoch, as deeplab)")
@@ -81,13 +88,6 @@ class TrainSegConfig(BaseModel):
     amp: bool = Field(False, description="mixed precision (CUDA only)")
     channels_last: bool = False
 
-    @field_validator("weights")
-    @classmethod
-    def _weights_exist(cls, url: str | None) -> str | None:
-        if url not in (None, CAM_WEIGHTS) and not fs.exists(url):
-            raise ValueError(f"weights file {url} does not exist")
-        return url
-
     @field_validator("msc_scales")
     @classmethod
     def _msc_scales(cls, scales: tuple[float, ...]) -> tuple[float, ...]:
@@ -95,12 +95,22 @@ class TrainSegConfig(BaseModel):
             raise ValueError(f"msc_scales must lie in (0, 1), got {list(scales)}")
         return scales
 
+    @field_validator("scales")
+    @classmethod
+    def _scales(cls, scales: tuple[float, ...]) -> tuple[float, ...]:
+        if not scales or any(s <= 0 for s in scales):
+            raise ValueError(f"scales must be a non-empty list of positive numbers, got {list(scales)}")
+        return scales
+
     @model_validator(mode="after")
     def _scale_range(self) -> TrainSegConfig:
-        low, high = self.scale_range
-        if not 0 < low <= high:
+        if self.scale_range is not None and not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ValueError(f"scale_range must satisfy 0 < low <= high, got {list(self.scale_range)}")
         return self
+
+    @property
+    def scaling(self) -> SegScaling:
+        return SegScaling(self.scales, self.scale_range, self.scale_interpolation)
 
 
 def build_segmenter(cfg: TrainSegConfig, num_labels: int) -> DeepLab:
@@ -187,7 +197,7 @@ def train_seg(cfg: TrainSegConfig, train_split_url: str, pseudo_label_dir: str, 
     repeats = repeat_factors(split.labels, cfg.repeat_threshold) if cfg.repeat_threshold else None
     sampler = RankBatches(EpochBatchSampler(len(split.ids), cfg.batch_size * ranks.world_size, seed,
                                             cfg.max_steps * cfg.iter_size, start_step * cfg.iter_size, repeats), ranks)
-    loader = DataLoader(SegTrainingSet(split, label_urls, cfg.crop, cfg.scale_range), batch_sampler=sampler,
+    loader = DataLoader(SegTrainingSet(split, label_urls, cfg.crop, cfg.scaling), batch_sampler=sampler,
                         num_workers=cfg.num_workers, pin_memory=torch_device.type == "cuda",
                         generator=torch.Generator())  # own generator: the global RNG (dropout) stays resumable
     batches = iter(loader)

@@ -36,7 +36,7 @@ def test_overrides_are_typed():
     ("train_cam.crop=100", "multiple of 32"),
     ("train_cam.crop=256", "crop 256 is larger than allowed"),
     ("train_cam.backbone=vgg16", "'resnet_mini', 'resnet18', 'resnet34', 'resnet50' or 'resnet101'"),
-    ("train_cam.weights=/nope/r50.pth", "weights file /nope/r50.pth does not exist"),
+    ("pseudo_labels.edge_canvas=100", "edge_canvas must be 0 or a multiple of 16"),
     ("data.kind=imagenet", "data.kind"),
     ("run.device=gpu0", "allowed: auto, cpu"),
     ("nonsense", "must look like section.key=value"),

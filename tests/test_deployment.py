@@ -2,6 +2,7 @@
 Prefect server, worker and flow run (opt-in: SFC_INTEGRATION=1, a few minutes on 2 cores)."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,12 @@ def _broken(tmp_path: Path, change) -> list[str]:
 def test_broken_deployments_are_reported(tmp_path, change, expected):
     problems = _broken(tmp_path, change)
     assert any(expected in problem for problem in problems), problems
+
+
+def test_stored_deployment_check_names_nothing_of_its_machine():
+    text = (ROOT / "bench" / "results" / "deployment_check.json").read_text()
+    assert re.fullmatch(r"\d+\.\d+\.\d+", json.loads(text)["python"])
+    assert not re.search(r'"/|=/', text), "an absolute path in the stored result"
 
 
 @pytest.mark.integration

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from flows.cli import main
 from flows.config import load_config
 from flows.dry_run import STORE_RATIO, dry_run, weights_problems
+from flows.pipeline import run_pipeline
 from storage import fs
 from storage.images import write_mask, write_rgb
 
@@ -119,8 +120,6 @@ def test_cli(setup, tmp_path):
     assert f"val split 'val': split list {root / 'ImageSets/Segmentation/val.txt'} not found" in result.output
 
 
-@pytest.mark.xfail(strict=True, reason="tasks/train_cam.py and tasks/train_seg.py still refuse a missing weights file "
-                   "in config validation (their _weights_exist validators); the run and the dry run check it now")
 def test_configuration_without_its_files(monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)  # configs/voc.yaml names weights/... that are not in the repository
     result = CliRunner().invoke(main, ["show-config", "-c", "configs/voc.yaml"])
@@ -130,3 +129,13 @@ def test_configuration_without_its_files(monkeypatch, tmp_path):
     assert "train_cam.weights: weights file weights/resnet50-19c8e357.pth does not exist" in result.output
     result = CliRunner().invoke(main, ["run", "-c", "configs/voc.yaml", f"run.root={tmp_path}"])
     assert result.exit_code == 1 and "missing weights:\n  train_cam.weights: weights file" in result.output
+
+
+def test_run_pipeline_refuses_missing_weights(setup, tmp_path):
+    """A deployment calls run_pipeline directly, without the CLI: it must refuse before creating the run."""
+    _, weights, overrides = setup
+    weights.unlink()
+    cfg = load_config(str(REPO / "configs/voc.yaml"), overrides)
+    with pytest.raises(ValueError, match=f"missing weights:\n  train_cam.weights: weights file {weights} does not"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "runs").exists()

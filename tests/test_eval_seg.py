@@ -11,6 +11,7 @@ from PIL import Image
 
 import tasks.eval_seg as eval_module
 from storage import checkpoints, fs
+from storage.datasets.cam_training import normalized_tensor
 from storage.datasets.split_files import load_split_file, save_split
 from storage.datasets.voc_layout import DataError, Split
 from storage.images import read_mask, read_rgb, write_mask, write_rgb
@@ -132,3 +133,33 @@ def test_two_tone_square_under_the_crf(data, tmp_path, monkeypatch):
     manifest = eval_seg(EvalSegConfig(**FAST), data["checkpoint"], str(tmp_path / "square.json"), str(tmp_path), "cpu")
     assert manifest["summary"]["val_miou"] == pytest.approx((736 / 800 + 224 / 288) / 2)
     assert manifest["summary"]["val_miou_crf"] == 1.0
+
+
+def _deeplab_pytorch_test(model, image: torch.Tensor, scales=(0.5, 0.75)) -> torch.Tensor:
+    """deeplab-pytorch's ``test`` on one whole image (1, 3, H, W): MSC in eval mode (logits of the image and of its
+    0.5 / 0.75 copies, resized to the first's size, element-wise max), upsampled to (H, W), softmax."""
+    logits = model(image)
+    pyramid = [model(torch.nn.functional.interpolate(image, scale_factor=p, mode="bilinear", align_corners=False))
+               for p in scales]
+    fused = torch.stack([logits, *(torch.nn.functional.interpolate(l, size=logits.shape[2:], mode="bilinear",
+                                                                     align_corners=False) for l in pyramid)]).amax(0)
+    full = torch.nn.functional.interpolate(fused, size=image.shape[2:], mode="bilinear", align_corners=False)
+    return torch.softmax(full, dim=1)[0]
+
+
+def test_unpadded_protocol_is_deeplab_pytorchs_test(data):
+    split = load_split_file(data["val"])
+    model = eval_module.load_segmenter(data["checkpoint"], split.class_names)
+    ids = split.ids[:4]
+    reference = EvalSegConfig(scales=(0.5, 0.75, 1.0), flip=False, test_size=None, num_workers=0, batch_size=3)
+    canvas = reference.model_copy(update={"test_size": 80})
+    unpadded = dict(eval_module.predict_probs(model, split, ids, reference, torch.device("cpu")))
+    padded = dict(eval_module.predict_probs(model, split, ids, canvas, torch.device("cpu")))
+    for image_id in ids:
+        image = read_rgb(split.image_url(image_id))
+        with torch.no_grad():
+            expected = _deeplab_pytorch_test(model, normalized_tensor(Image.fromarray(image))[None])
+        assert unpadded[image_id].shape == expected.shape == (len(split.class_names), *image.shape[:2])
+        assert np.allclose(unpadded[image_id], expected.numpy(), atol=1e-5)
+    # the canvas's padding reaches into the predictions
+    assert max(np.abs(unpadded[i] - padded[i]).max() for i in ids) > 1e-3

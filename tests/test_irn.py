@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 import tasks.train_irn as train_module
-from models.irn import IRNet, PathIndex, affinity_labels, edge_map, feature_size, irn_losses, path_affinity
+from models.irn import (IRNet, PathIndex, affinity_labels, edge_canvas_size, edge_map, feature_size, irn_losses,
+                        path_affinity)
 from storage import checkpoints, fs
 from storage.datasets.irn import IRNTrainingSet, augment_for_irn, ir_label_url
 from storage.datasets.split_files import load_split_file
@@ -131,13 +132,38 @@ def test_forward_shapes_for_odd_sizes_and_frozen_backbone(net):
         net.eval()
 
 
+def reference_edge(net: IRNet, image: torch.Tensor, crop_size: int = 512, stride: int = 4) -> torch.Tensor:
+    """The reference's ``EdgeDisplacement.forward`` on [image, flip(image)]: pad to crop_size x crop_size, crop the
+    stride-4 logits, average the flips' logits, sigmoid."""
+    x = torch.stack([image, image.flip(-1)])
+    feat_size = (x.size(2) - 1) // stride + 1, (x.size(3) - 1) // stride + 1
+    x = torch.nn.functional.pad(x, [0, crop_size - x.size(3), 0, crop_size - x.size(2)])
+    edge_out = net.edge_logits(x)[..., :feat_size[0], :feat_size[1]]
+    return torch.sigmoid(edge_out[0] / 2 + edge_out[1].flip(-1) / 2)[0]
+
+
 def test_edge_map_any_size_range_and_flip_symmetry(net):
     image = torch.randn(3, 45, 61)
-    edge = edge_map(net, image)
+    edge = edge_map(net, image, canvas=0)
     assert edge.shape == feature_size(45, 61) == (12, 16)
     assert edge.min() >= 0 and edge.max() <= 1
-    assert torch.allclose(edge_map(net, image.flip(-1)), edge.flip(-1), atol=1e-6)
-    assert edge_map(net, torch.randn(3, 20, 530)).shape == (5, 133)
+    assert torch.allclose(edge_map(net, image.flip(-1), canvas=0), edge.flip(-1), atol=1e-6)
+    assert edge_map(net, torch.randn(3, 20, 530), canvas=0).shape == (5, 133)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        edge_map(net, image, canvas=100)
+
+
+def test_edge_map_pads_to_the_references_canvas(net):
+    image = torch.randn(3, 45, 61)  # non-square, smaller than the canvas
+    edge = edge_map(net, image)
+    assert edge_canvas_size(45, 61) == (512, 512)
+    assert torch.allclose(edge, reference_edge(net, image), atol=1e-6)
+    # GroupNorm's statistics include the padding: the multiple-of-16 padding (canvas 0) gives other values
+    assert (edge - edge_map(net, image, canvas=0)).abs().max() > 1e-3
+    # larger than the canvas (where the reference fails): a square of the longer side rounded up to 16
+    large = torch.randn(3, 20, 530)
+    assert edge_canvas_size(20, 530) == (544, 544) and edge_canvas_size(20, 530, 0) == (32, 544)
+    assert torch.allclose(edge_map(net, large), reference_edge(net, large, crop_size=544), atol=1e-6)
 
 
 def test_losses_are_finite_and_decrease_on_a_fixed_batch(data):

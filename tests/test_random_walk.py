@@ -73,6 +73,7 @@ def test_walk_stays_inside_regions_closed_by_edges():
     assert (out[:, :6] - out[:, :6].mean()).abs().max() < 1e-3 * out[:, :6].mean()  # 256 steps: converged
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_equals_cpu():
     g = load_golden("random_walk")

@@ -1,11 +1,13 @@
 """DeepLab segmenters: shapes at odd sizes, dilation and ASPP rates, parameter groups, MSC training outputs and loss,
 batched multi-scale + flip inference."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
-from models.deeplab import ASPPv2, DeepLab, msc_cross_entropy, msc_outputs
+from models.deeplab import ASPPv2, DeepLab, msc_cross_entropy, msc_outputs, resize_labels
 from models.seg_inference import canvas_probabilities, multiscale_logits
 from tests.single_thread import one_torch_thread  # noqa: F401  (autouse fixture)
 
@@ -72,6 +74,27 @@ def test_msc_outputs_and_loss():
     assert float(msc_cross_entropy(outputs, torch.full_like(labels, 255)).detach()) == 0.0
 
 
+def test_labels_are_resized_at_cell_centres_as_pil_nearest():
+    # columns 0..5 downsampled to 3 cells: centres 0.5, 2.5, 4.5 of the input fall in columns 1, 3, 5
+    labels = torch.arange(6).repeat(2, 4, 1)
+    assert resize_labels(labels, (2, 3))[0].tolist() == [[1, 3, 5], [1, 3, 5]]
+    # deeplab-pytorch's PIL NEAREST on float label maps, at the logit sizes of a 321 crop under MSC (41, 21, 31)
+    pattern = torch.from_numpy(np.random.default_rng(0).integers(0, 21, (2, 321, 321)))
+    for size in ((41, 41), (21, 21), (31, 31)):
+        expected = [np.asarray(Image.fromarray(p.float().numpy()).resize(size[::-1], Image.NEAREST)) for p in pattern]
+        assert torch.equal(resize_labels(pattern, size), torch.from_numpy(np.stack(expected)).long())
+    # elsewhere too, except where a centre falls exactly on a cell boundary: PIL accumulates the step in floating
+    # point and rounds some of those ties down
+    pattern, (h, w) = pattern[:, :, :300], (41, 38)
+    expected = np.asarray(Image.fromarray(pattern[0].float().numpy()).resize((w, h), Image.NEAREST))
+    tie_rows, tie_cols = ((2 * np.arange(n) + 1) * size % (2 * n) == 0 for n, size in ((h, 321), (w, 300)))
+    same = resize_labels(pattern, (h, w))[0].numpy() == expected
+    assert tie_cols.sum() == 2 and same[np.ix_(~tie_rows, ~tie_cols)].all()
+    # the loss sees them: logits that predict the centre-sampled labels give a near-zero loss
+    logits = F.one_hot(resize_labels(labels, (2, 3)), 6).permute(0, 3, 1, 2).float() * 50
+    assert float(msc_cross_entropy([logits], labels)) < 1e-6
+
+
 def test_batched_multiscale_flip_inference_matches_a_per_image_loop():
     torch.manual_seed(0)
     model = DeepLab(3, "deeplabv2", "resnet18", "frozen").eval()
@@ -98,6 +121,6 @@ def test_batched_multiscale_flip_inference_matches_a_per_image_loop():
 
 def test_canvas_probabilities_crop_and_restore_sizes():
     logits = torch.randn(2, 4, 6, 6)
-    probs = canvas_probabilities(logits, 48, [(48, 30), (20, 48)], [(48, 30), (40, 96)])
+    probs = canvas_probabilities(logits, (48, 48), [(48, 30), (20, 48)], [(48, 30), (40, 96)])
     assert [p.shape for p in probs] == [(4, 48, 30), (4, 40, 96)]
     assert all(torch.allclose(p.sum(0), torch.ones(p.shape[1:])) for p in probs)

@@ -4,6 +4,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import tasks.train_seg as train_module
@@ -12,7 +13,7 @@ from storage.datasets.segmentation import CanvasSet, SegTrainingSet, pseudo_labe
 from storage.datasets.split_files import load_split_file, save_split
 from storage.datasets.voc_layout import DataError
 from storage.images import read_mask, write_mask
-from storage.transforms import augment_for_segmentation
+from storage.transforms import SEG_SCALES, SegScaling, augment_for_segmentation, rescale_pair, resize_linear
 from tasks.train_seg import TrainSegConfig, build_segmenter, train_seg
 from tests.interrupt import kill_on_call
 from tests.synthetic_splits import synthetic_split_files
@@ -42,7 +43,7 @@ def _train(data, out_dir, labels=None, **overrides):
 def test_augmentation_is_deterministic_pads_with_mean_and_ignore():
     image = Image.new("RGB", (30, 20), (200, 30, 30))
     label = np.full((20, 30), 3, dtype=np.uint8)
-    outputs = [augment_for_segmentation(image, label, 64, (0.5, 1.5), np.random.default_rng([1, 0, 2]))
+    outputs = [augment_for_segmentation(image, label, 64, SegScaling(), np.random.default_rng([1, 0, 2]))
                for _ in range(2)]
     assert np.array_equal(outputs[0][0], outputs[1][0]) and np.array_equal(outputs[0][1], outputs[1][1])
     array, labels = outputs[0]
@@ -50,8 +51,39 @@ def test_augmentation_is_deterministic_pads_with_mean_and_ignore():
     padded = labels == 255
     assert set(np.unique(labels)) == {3, 255}
     assert np.all(array[:, padded] == 0) and np.all(np.abs(array[:, ~padded]).sum(0) > 0)
-    other = augment_for_segmentation(image, label, 64, (0.5, 1.5), np.random.default_rng([1, 0, 3]))
+    other = augment_for_segmentation(image, label, 64, SegScaling(), np.random.default_rng([1, 0, 3]))
     assert not np.array_equal(other[1], labels)
+
+
+def test_scale_augmentation_draws_from_deeplabs_set_or_a_range():
+    image, label = Image.new("RGB", (40, 30), (9, 90, 200)), np.full((30, 40), 2, dtype=np.uint8)
+    areas = {int(40 * s) * int(30 * s): s for s in SEG_SCALES}
+    drawn = set()
+    for position in range(60):
+        _, labels = augment_for_segmentation(image, label, 64, SegScaling(), np.random.default_rng([1, 0, position]))
+        drawn.add(areas[int((labels != 255).sum())])  # a KeyError: a factor outside the set
+    assert drawn == set(SEG_SCALES)
+    factors = {SegScaling(scale_range=(0.5, 1.5)).draw(np.random.default_rng(i)) for i in range(20)}
+    assert len(factors) == 20 and all(0.5 <= f <= 1.5 for f in factors)
+
+
+def test_linear_resize_is_opencvs_inter_linear():
+    # half-pixel centres, two taps: 4 -> 2 averages pairs, 2 -> 4 weights 1, 3/4 + 1/4, 1/4 + 3/4, 1 (edges clamped)
+    column = np.array([0.0, 4.0, 8.0, 16.0], dtype=np.float32)[:, None, None]
+    assert resize_linear(column, (2, 1))[:, 0, 0].tolist() == [2.0, 12.0]
+    assert resize_linear(column[:2], (4, 1))[:, 0, 0].tolist() == [0.0, 1.0, 3.0, 4.0]
+    # torch's bilinear without antialiasing computes the same thing (OpenCV's float path) at deeplab's scales
+    array = np.random.default_rng(0).random((37, 50, 3), dtype=np.float32)
+    as_tensor = torch.from_numpy(array).permute(2, 0, 1)[None]
+    for scale in SEG_SCALES:
+        size = (int(37 * scale), int(50 * scale))
+        expected = F.interpolate(as_tensor, size=size, mode="bilinear", align_corners=False, antialias=False)
+        assert np.allclose(resize_linear(array, size), expected[0].permute(1, 2, 0).numpy(), atol=1e-5)
+    # PIL's bilinear (the earlier default) antialiases when shrinking: different pixels
+    image = Image.fromarray((array * 255).astype(np.uint8))
+    linear, _ = rescale_pair(image, np.zeros((37, 50), np.uint8), 0.5, "linear")
+    pil, _ = rescale_pair(image, np.zeros((37, 50), np.uint8), 0.5, "pil_bilinear")
+    assert linear.shape == pil.shape == (18, 25, 3) and np.abs(linear - pil).mean() > 0.1
 
 
 def test_training_items_depend_only_on_their_schedule_position(data):

@@ -14,7 +14,7 @@ from storage import fs
 from storage.datasets.cam_training import Item, normalized_tensor
 from storage.datasets.voc_layout import DataError, Split
 from storage.images import IGNORE_INDEX, read_mask, read_pil_rgb, values_outside
-from storage.transforms import augment_for_segmentation, fit_long_side
+from storage.transforms import SegScaling, augment_for_segmentation, fit_long_side
 
 SHOWN_IDS = 5
 
@@ -58,12 +58,11 @@ class SegTrainingSet(Dataset):
     the augmentation depends only on the sample's place in the schedule.
     """
 
-    def __init__(self, split: Split, label_urls: dict[str, str], crop: int,
-                 scale_range: tuple[float, float] = (0.5, 1.5)):
+    def __init__(self, split: Split, label_urls: dict[str, str], crop: int, scaling: SegScaling = SegScaling()):
         self.split = split
         self.label_urls = label_urls
         self.crop = crop
-        self.scale_range = scale_range
+        self.scaling = scaling
 
     def __len__(self) -> int:
         return len(self.split.ids)
@@ -77,16 +76,17 @@ class SegTrainingSet(Dataset):
             raise DataError(f"{label_url}: pseudo label is {label.shape[0]}x{label.shape[1]} but image {image_url} "
                             f"is {image.height}x{image.width}")
         rng = np.random.default_rng(list(seed))
-        array, labels = augment_for_segmentation(image, label, self.crop, self.scale_range, rng, IGNORE_INDEX)
+        array, labels = augment_for_segmentation(image, label, self.crop, self.scaling, rng, IGNORE_INDEX)
         return {"image": torch.from_numpy(array), "label": torch.from_numpy(labels)}
 
 
 class CanvasSet(Dataset):
     """Whole images for inference, each on a ``canvas`` x ``canvas`` input: shrunk to fit when its long side is
     larger (bilinear), normalised, and padded bottom/right with 0 (the mean colour), as Caffe DeepLab's 513 x 513
-    test input. Items: id, image (3, canvas, canvas), content (h, w) on the canvas, original size (H, W)."""
+    test input; ``canvas`` None: each image normalised at its own size, unpadded (deeplab-pytorch's ``test``).
+    Items: id, image (3, h', w'), content (h, w) on it, original size (H, W)."""
 
-    def __init__(self, split: Split, ids: Sequence[str], canvas: int):
+    def __init__(self, split: Split, ids: Sequence[str], canvas: int | None):
         self.split = split
         self.ids = list(ids)
         self.canvas = canvas
@@ -97,14 +97,17 @@ class CanvasSet(Dataset):
     def __getitem__(self, index: int) -> dict:
         image_id = self.ids[index]
         image = read_pil_rgb(self.split.image_url(image_id))
+        size = (image.height, image.width)
+        if self.canvas is None:
+            return {"id": image_id, "image": normalized_tensor(image), "content": size, "size": size}
         fitted = normalized_tensor(fit_long_side(image, self.canvas))
         height, width = fitted.shape[1:]
         padded = torch.zeros(3, self.canvas, self.canvas)
         padded[:, :height, :width] = fitted
-        return {"id": image_id, "image": padded, "content": (height, width), "size": (image.height, image.width)}
+        return {"id": image_id, "image": padded, "content": (height, width), "size": size}
 
 
 def collate_canvases(items: list[dict]) -> dict:
-    """Stack the canvases; keep ids, contents and sizes as lists."""
+    """Stack the inputs (equal sizes: canvases, or one unpadded image); keep ids, contents and sizes as lists."""
     return {"image": torch.stack([item["image"] for item in items]),
             **{key: [item[key] for item in items] for key in ("id", "content", "size")}}
