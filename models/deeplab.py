@@ -104,11 +104,15 @@ def resize_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest-exact")[:, 0].long()
 
 
-def msc_cross_entropy(outputs: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+def msc_cross_entropy(outputs: Sequence[torch.Tensor], labels: torch.Tensor,
+                      upsample_logits: bool = False) -> torch.Tensor:
     """Sum over ``outputs`` of the pixel-mean cross-entropy against ``labels`` (N, H, W) resized to each output's
-    size by :func:`resize_labels`; pixels labelled 255 are ignored (an all-ignored batch gives 0)."""
+    size by :func:`resize_labels` (deeplab), or with ``upsample_logits`` against the labels themselves, the logits
+    upsampled (bilinear) to their size; pixels labelled 255 are ignored (an all-ignored batch gives 0)."""
     total = labels.new_zeros((), dtype=torch.float32)
     for logits in outputs:
+        if upsample_logits:
+            logits = F.interpolate(logits, size=labels.shape[1:], mode="bilinear", align_corners=False)
         target = resize_labels(labels, logits.shape[2:])
         loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
         total = total + loss / (target != IGNORE_INDEX).sum().clamp_min(1)

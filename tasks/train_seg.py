@@ -66,6 +66,9 @@ class TrainSegConfig(BaseModel):
     scale_interpolation: Literal[SCALE_INTERPOLATIONS] = Field(  # type: ignore[valid-type]
         "linear", description="image resize of the scale augmentation: linear = OpenCV INTER_LINEAR as deeplab "
                               "(no antialiasing); pil_bilinear = PIL's antialiased bilinear (deviation)")
+    loss_at_input_size: bool = Field(
+        False, description="false: labels shrunk to the logits' size (deeplab); true: logits upsampled to the "
+        "crop's size (finer boundaries on small images; deviation)")
     repeat_threshold: float | None = Field(
         None, gt=0, le=1, description="repeat-factor sampling on the image-level labels: images with classes "
         "rarer than this fraction of the images come more often (null: every image once per epoch, as deeplab)")
@@ -217,7 +220,7 @@ def train_seg(cfg: TrainSegConfig, train_split_url: str, pseudo_label_dir: str, 
             with sync_grads(train_model, index == cfg.iter_size - 1):
                 with torch.autocast(torch_device.type, enabled=use_amp):
                     outputs = msc_outputs(train_model, images, cfg.msc_scales)
-                loss = msc_cross_entropy(outputs, labels) / cfg.iter_size
+                loss = msc_cross_entropy(outputs, labels, cfg.loss_at_input_size) / cfg.iter_size
                 scaler.scale(loss).backward()
             step_loss += loss.detach()
             images_seen += images.shape[0] * ranks.world_size
