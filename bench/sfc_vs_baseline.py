@@ -173,6 +173,35 @@ def false_activation(items: list[dict], variant: str, threshold: float, names) -
     return out
 
 
+def shared_part_activation(items: list[dict], variant: str, names) -> dict:
+    """Threshold-free over-activation on shared parts: per shared-part rare class r with partner p, over the images
+    whose label holds both, the mean score of p's CAM channel on r's ground-truth pixels (the head class firing on
+    the tail object; lower is better) beside r's own mean score there and p's on its own pixels. Scores are the
+    stored max-normalised maps (foreground channels halved back to [0, 1])."""
+    index = {n: i for i, n in enumerate(names)}
+    sums = {r: np.zeros(4) for r in SHARED_PARTS}  # partner-on-rare, self-on-rare, partner-on-partner, images
+    for it in items:
+        keys = it["keys"].tolist()
+        for rare, partner in SHARED_PARTS.items():
+            r, p = index[rare], index[partner]
+            rare_px, partner_px = it["mask"].numpy() == r, it["mask"].numpy() == p
+            if r not in keys or p not in keys or not rare_px.any():
+                continue
+            scores = it[variant] / 2.0
+            on_rare = scores[keys.index(p)][rare_px].mean()
+            own = scores[keys.index(r)][rare_px].mean()
+            on_partner = scores[keys.index(p)][partner_px].mean() if partner_px.any() else np.nan
+            sums[rare] += (on_rare, own, on_partner, 1)
+    out = {}
+    for rare, (on_rare, own, on_partner, images) in sums.items():
+        out[rare] = {"partner": SHARED_PARTS[rare], "images": int(images),
+                     "partner_score_on_rare": on_rare / images if images else None,
+                     "rare_score_on_rare": own / images if images else None,
+                     "partner_score_on_partner": on_partner / images if images else None}
+    out["mean_partner_score_on_rare"] = _nanmean([v["partner_score_on_rare"] for v in out.values()])
+    return out
+
+
 def eval_split_url(args, cfg, data_manifest: dict) -> str:
     """The split file CAMs are evaluated on: the data stage's val split, the union of ``--eval-splits`` (every
     split of the synthetic dataset has masks; val and test are disjoint from train_aug), or with
@@ -236,8 +265,9 @@ def run_method(method: str, args, data_manifest: dict, eval_url: str) -> dict:
         timings["raw_cams_s"] = time.perf_counter() - t
     fa = {v: false_activation(items, v, r["best_threshold"], names)
           for v, r in variants.items() if "best_threshold" in r}
+    activation = {v: shared_part_activation(items, v, names) for v in ("K", "P", RAW) if v in items[0]}
     return {"method": method, "dir": mdir, "checkpoint": train["checkpoint"], "train_manifest": train,
-            "timings": timings, "variants": variants, "false_activation": fa,
+            "timings": timings, "variants": variants, "false_activation": fa, "shared_part_activation": activation,
             "eval_class_images": {n: int(split.labels[:, i - 1].sum()) for i, n in enumerate(names) if i}}
 
 
@@ -292,6 +322,8 @@ def summarise(runs: dict, class_counts: dict, args) -> dict:
             "like_for_like_K_pass": comparisons["sfc K - baseline K"]["tail_pass"],
         },
         "false_activation": {f"{m} {v}": fa for m, run in runs.items() for v, fa in run["false_activation"].items()},
+        "shared_part_activation": {f"{m} {v}": a for m, run in runs.items()
+                                   for v, a in run["shared_part_activation"].items()},
         "runs": {m: {"dir": run["dir"], "timings": run["timings"],
                      "train_seconds": run["train_manifest"].get("train_seconds"),
                      "images_per_second": run["train_manifest"].get("images_per_second"),
@@ -325,6 +357,10 @@ def print_table(report: dict) -> None:
         f"{report['columns'][col]['best_threshold']!s:>11}" for col in columns))
     print(f"{'false act. (mean)':<26}" + " ".join(
         f"{_cell(report['false_activation'][col]['mean_frac_as_partner']):>11}" for col in columns))
+    activation = report["shared_part_activation"]
+    print(f"{'partner score on rare':<26}" + " ".join(
+        f"{_cell(activation[col]['mean_partner_score_on_rare']) if col in activation else '    -':>11}"
+        for col in columns))
     claim = report["claim"]
     print(f"\nH head, T tail, * shared-part rare class. Claim '{claim['statement']}' ({claim['primary_comparison']}):"
           f" {_cell(claim['sfc_tail'])} vs {_cell(claim['baseline_tail'])} -> {'PASS' if claim['pass'] else 'FAIL'}"

@@ -7,7 +7,7 @@ from flows.config import load_config
 from tasks.train_cam import train_cam
 from tests.synthetic_splits import synthetic_split_files
 
-STEPS = 150
+STEPS = 250
 
 
 @pytest.fixture(scope="module")
@@ -26,4 +26,4 @@ def test_classification_loss_falls(manifest):
 def test_cams_beat_all_background(manifest):
     validation = manifest["validation"]
     assert validation["val_miou_cam"] > validation["val_all_background_miou"] + 0.12
-    assert validation["val_miou_proto"] > validation["val_all_background_miou"] + 0.05
+    assert validation["val_miou_proto"] > validation["val_all_background_miou"] + 0.06
