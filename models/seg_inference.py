@@ -1,8 +1,9 @@
 """Batched multi-scale + flip inference of a segmenter on padded canvases (docs/method.md section 9).
 
 Images arrive as a batch of equal canvases (each image at the top-left, padded with the normalised mean, i.e. 0, as
-Caffe DeepLab's 513 x 513 test input), or one unpadded image (deeplab-pytorch's ``test``). Per scale the whole batch is resized once (bilinear, as deeplab-pytorch's
-MSC) and its horizontal flips are appended, so one forward covers every image and flip of that scale.
+Caffe DeepLab's 513 x 513 test input), or one unpadded image (deeplab-pytorch's ``test``). Per scale the whole
+batch is resized once (bilinear, as deeplab-pytorch's MSC) and its horizontal flips are appended, so one forward
+covers every image and flip of that scale.
 """
 from __future__ import annotations
 
