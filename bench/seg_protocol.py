@@ -15,6 +15,7 @@ the RGB image (``eval_seg``) and with deeplab-pytorch's input, the mean-subtract
 which wraps every value below the mean around to 256 - x (x86 casting, emulated exactly).
 
     python bench/seg_protocol.py [--steps 600 --images 1000]
+    python bench/seg_protocol.py --scaling earlier --out /tmp/earlier.json   # trained with U(0.5, 1.5) + PIL bilinear
 
 Results in bench/results/seg_protocol.json.
 """
@@ -43,6 +44,7 @@ from storage.images import read_mask, read_rgb, write_mask  # noqa: E402
 from tasks.eval_seg import EvalSegConfig, eval_seg, load_segmenter, predict_probs  # noqa: E402
 from tasks.train_seg import TrainSegConfig, train_seg  # noqa: E402
 
+SCALINGS = {"deeplab": {}, "earlier": {"scale_range": (0.5, 1.5), "scale_interpolation": "pil_bilinear"}}
 PROTOCOLS = {"canvas + flip (eval_seg default)": {"flip": True},
              "canvas, no flip": {"flip": False},
              "unpadded + flip": {"test_size": None, "flip": True},
@@ -90,6 +92,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--scaling", choices=sorted(SCALINGS), default="deeplab",
+                        help="training scale augmentation: deeplab's set + linear (default) or the earlier "
+                             "continuous U(0.5, 1.5) + PIL bilinear")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "seg_protocol.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -98,7 +103,7 @@ def main() -> None:
         urls = prepared_splits(root, args.images)
         train_cfg = TrainSegConfig(backbone="resnet_mini", norm="batch", msc_scales=(), crop=96, batch_size=8,
                                    iter_size=1, max_steps=args.steps, lr=0.01, head_lr_mult=1, head_bias_lr_mult=1,
-                                   num_workers=0, checkpoint_every=args.steps)
+                                   num_workers=0, checkpoint_every=args.steps, **SCALINGS[args.scaling])
         started = time.perf_counter()
         checkpoint = train_seg(train_cfg, urls["train_aug"], str(root / "labels"), None, str(root / "train"), 0,
                                "cpu")["checkpoint"]
@@ -111,7 +116,7 @@ def main() -> None:
             results[name] = {"val_miou": summary["val_miou"], "images_per_second": summary["val_images_per_second"]}
             print(f"{name:55s} mIoU {summary['val_miou']:.4f}  {summary['val_images_per_second']:.1f} images/s")
         crf = crf_inputs(checkpoint, urls["val"])
-    report = {"images": args.images, "val_images": val_images,
+    report = {"images": args.images, "val_images": val_images, "scaling": args.scaling,
               "train_steps": args.steps, "train_seconds": round(train_seconds, 1), "canvas": 128,
               "scales": [0.5, 0.75, 1.0], "protocols": results, "crf_input_miou": crf,
               "load_average": os.getloadavg()}

@@ -106,7 +106,7 @@ STAGES: tuple[Stage, ...] = (
           lambda cfg, m, t: {"cfg": cfg.train_cam, "train_split_url": _splits(m)["train"],
                              "val_split_url": _splits(m)["val"], "out_dir": _out(cfg, "train_cam"),
                              "seed": cfg.run.seed, "device": cfg.run.device, "tracker": t,
-                             "seed_split_url": _splits(m)["seed"]}, owns=("train_cam",)),
+                             "seed_split_url": _splits(m).get("seed")}, owns=("train_cam",)),
     Stage("infer_cams", infer_cams_task, ("infer_cams",), ("prepare_data", "train_cam"),
           lambda cfg, m, t: {"cfg": cfg.infer_cams, "checkpoint_url": m["train_cam"]["checkpoint"],
                              "split_urls": [_splits(m)["train"]], "store_url": cam_store_url(cfg),

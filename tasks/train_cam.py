@@ -16,10 +16,10 @@ from tqdm import tqdm
 
 from models.backbone import BACKBONES, NORMS
 from models.cam_eval import ThresholdSweep
-from models.metrics import ConfusionMatrix
 from models.class_weights import WEIGHT_MODES, distribution_weights
 from models.image_bank import ImageBank
 from models.losses import LossWeights, sfc_step_losses
+from models.metrics import ConfusionMatrix
 from models.optim import poly_sgd
 from models.sfc import SFCNet, max_normalize
 from storage import checkpoints, fs
