@@ -35,6 +35,8 @@ class SyntheticConfig(BaseModel):
     seed: int = 0
     min_size: int = Field(96, ge=16)
     max_size: int = Field(128, ge=16)
+    val_fraction: float = Field(0.15, gt=0, lt=1, description="share of the images in val")
+    test_fraction: float = Field(0.15, gt=0, lt=1, description="share of the images in test")
 
 
 class DataConfig(BaseModel):
@@ -55,12 +57,18 @@ class DataConfig(BaseModel):
 
 
 def ensure_synthetic(cfg: DataConfig) -> None:
-    """Generate the synthetic dataset at ``cfg.root`` unless a complete one is there."""
-    if cfg.kind == "synthetic" and not fs.exists(fs.join(cfg.root, SYNTHETIC_MARKER)):
-        s = cfg.synthetic
-        log.info("generating the synthetic dataset (%d images) at %s", s.num_images, cfg.root)
-        generate_synthetic(cfg.root, num_images=s.num_images, seed=s.seed, min_size=s.min_size,
-                           max_size=s.max_size)
+    """Generate the synthetic dataset at ``cfg.root`` unless a complete one with the same parameters is there."""
+    if cfg.kind != "synthetic":
+        return
+    wanted = cfg.synthetic.model_dump()
+    marker = fs.join(cfg.root, SYNTHETIC_MARKER)
+    if fs.exists(marker):
+        arguments = json.loads(fs.read_text(marker)).get("arguments", {})
+        if all(arguments.get(key) == value for key, value in wanted.items()):
+            return
+        log.info("the synthetic dataset at %s was generated with other parameters; generating it again", cfg.root)
+    log.info("generating the synthetic dataset (%d images) at %s", cfg.synthetic.num_images, cfg.root)
+    generate_synthetic(cfg.root, **wanted)
 
 
 def _checked(dataset: VOCLayoutDataset, split: Split, cfg: DataConfig) -> Split:
