@@ -195,3 +195,17 @@ def test_render_samples(small_root, memory_root):
     render_samples(small_root[0], out, n=6)
     grid = read_rgb(out)
     assert grid.shape[0] > 128 and grid.shape[1] > 4 * 128
+
+
+def test_prepare_regenerates_a_dataset_made_with_other_parameters(tmp_path):
+    from tasks.prepare_data import DataConfig, ensure_synthetic
+
+    cfg = DataConfig(kind="synthetic", root=str(tmp_path / "d"), synthetic={"num_images": 12, "min_size": 32,
+                                                                            "max_size": 40})
+    ensure_synthetic(cfg)
+    marker = tmp_path / "d" / "synthetic.json"
+    first = marker.stat().st_mtime_ns
+    ensure_synthetic(cfg)
+    assert marker.stat().st_mtime_ns == first  # same parameters: kept
+    ensure_synthetic(cfg.model_copy(update={"synthetic": cfg.synthetic.model_copy(update={"num_images": 14})}))
+    assert json.loads(marker.read_text())["num_images"] == 14
