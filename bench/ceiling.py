@@ -4,8 +4,9 @@ Trains ``train_seg`` exactly as a config's pipeline would, except that the label
 ground-truth masks instead of pseudo labels, evaluates it with ``eval_seg`` on the val split, and, given a finished
 pipeline run (``--run``), sets that run's weakly supervised segmentation beside it:
 
-    .venv/bin/python bench/ceiling.py                                   # the demo config
     .venv/bin/python bench/ceiling.py --run runs/synthetic-demo --tag demo
+
+With ``train_seg.weights: cam`` (the demo) the segmenter starts from the run's CAM backbone, as the run's did.
 
 The ratio weak / ceiling is what the paper's 71.2 on VOC is to DeepLab-v2's fully supervised result (about 0.92).
 Stage functions are called directly (no Prefect, no MLflow). Results: bench/results/ceiling[-TAG].json.
@@ -27,6 +28,7 @@ os.chdir(ROOT)  # the config's relative paths (data/synthetic) are relative to t
 from flows.config import load_config  # noqa: E402
 from storage import fs  # noqa: E402
 from storage.datasets.split_files import load_split_file  # noqa: E402
+from tasks.common import CAM_WEIGHTS  # noqa: E402
 from tasks.eval_seg import RESULTS, eval_seg  # noqa: E402
 from tasks.prepare_data import prepare_data  # noqa: E402
 from tasks.train_seg import train_seg  # noqa: E402
@@ -42,6 +44,13 @@ def ground_truth_dir(split_url: str) -> str:
     if missing:
         raise ValueError(f"{folder}: no ground-truth mask for {len(missing)} training images (first {missing[0]})")
     return folder
+
+
+def cam_checkpoint(run_dir: str) -> str:
+    """The CAM network a finished pipeline run trained (its train_cam record), found in the run directory (the
+    record's path may be relative to where that run was started)."""
+    recorded = json.loads(fs.read_text(fs.join(run_dir, "manifests", "train_cam.json")))["manifest"]["checkpoint"]
+    return fs.join(run_dir, "train_cam", recorded.rsplit("/", 1)[-1])
 
 
 def weak_result(run_dir: str) -> dict:
@@ -66,14 +75,19 @@ def main() -> None:
     cfg = load_config(args.config, args.override)
     data = prepare_data(cfg.data, args.workdir, fs.join(args.workdir, "_cache"))
     train_url, val_url = data["splits"]["train"], data["splits"]["val"]
+    seg_cfg = cfg.train_seg
+    if seg_cfg.weights == CAM_WEIGHTS:  # the same initialisation as the run's segmenter: its CAM backbone
+        if not args.run:
+            raise SystemExit("train_seg.weights is 'cam': give --run, the pipeline run whose CAM network to start from")
+        seg_cfg = seg_cfg.model_copy(update={"weights": cam_checkpoint(args.run)})
     started = time.perf_counter()
-    trained = train_seg(cfg.train_seg, train_url, ground_truth_dir(train_url), val_url,
+    trained = train_seg(seg_cfg, train_url, ground_truth_dir(train_url), val_url,
                         fs.join(args.workdir, "train_seg"), cfg.run.seed, args.device)
     train_seconds = time.perf_counter() - started
     evaluated = eval_seg(cfg.eval_seg, trained["checkpoint"], val_url, fs.join(args.workdir, "metrics"), args.device)
     ceiling = {**evaluated["summary"], "train_seconds": round(train_seconds, 1)}
     report = {"settings": {"config": args.config, "overrides": args.override, "labels": "ground-truth masks",
-                           "train_seg": cfg.train_seg.model_dump(mode="json"), "seed": cfg.run.seed},
+                           "train_seg": seg_cfg.model_dump(mode="json"), "seed": cfg.run.seed},
               "ceiling": ceiling}
     if args.run:
         weak = weak_result(args.run)

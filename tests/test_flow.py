@@ -13,7 +13,7 @@ from storage import fs
 TINY = [
     "data.synthetic.num_images=40", "data.synthetic.min_size=64", "data.synthetic.max_size=80",
     "train_cam.crop=64", "train_cam.resize_long=[48,80]", "train_cam.batch_size=4", "train_cam.max_steps=3",
-    "train_cam.trainable_from=3", "train_cam.num_workers=0", "train_cam.val_max_images=4",
+    "train_cam.trainable_from=3", "train_cam.num_workers=0", "train_cam.val_max_images=4", "train_cam.log_every=1",
     "pseudo_labels.method=irn", "ir_labels.workers=1", "train_irn.max_steps=3", "train_irn.batch_size=4",
     "train_irn.num_workers=0", "train_irn.checkpoint_every=2", "pseudo_labels.exp_times=3", "pseudo_labels.workers=1",
     "train_seg.max_steps=3", "train_seg.batch_size=4", "train_seg.crop=64", "train_seg.num_workers=0",
