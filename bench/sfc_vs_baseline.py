@@ -49,13 +49,13 @@ from storage import fs  # noqa: E402
 from storage.cam_store import CamStore  # noqa: E402
 from storage.datasets.cam_inference import MultiScaleSet  # noqa: E402
 from storage.datasets.split_files import load_split_file, save_split  # noqa: E402
-from storage.datasets.synthetic import MARKER, SHARED_PARTS, SYNTHETIC_CLASSES, generate_synthetic  # noqa: E402
+from storage.datasets.synthetic import SHARED_PARTS, SYNTHETIC_CLASSES  # noqa: E402
 from storage.datasets.voc_layout import VOCLayoutDataset  # noqa: E402
 from storage.images import read_mask  # noqa: E402
 from storage.plots import bar_chart_png  # noqa: E402
 from tasks.eval_cam import REFERENCE_RULE, RESULTS, eval_cam  # noqa: E402
 from tasks.infer_cams import infer_cams, load_cam_network, union_of_splits  # noqa: E402
-from tasks.prepare_data import prepare_data  # noqa: E402
+from tasks.prepare_data import ensure_synthetic, prepare_data  # noqa: E402
 from tasks.common import config_hash, resolve_device  # noqa: E402
 from tasks.train_cam import train_cam  # noqa: E402
 
@@ -210,10 +210,9 @@ def eval_split_url(args, cfg, data_manifest: dict) -> str:
     root = cfg.data.root
     if args.eval_dataset:
         seed, images = (int(v) for v in args.eval_dataset.split(":"))
-        synthetic = cfg.data.synthetic
         root = f"{cfg.data.root}-eval-seed{seed}-{images}"
-        if not fs.exists(fs.join(root, MARKER)):
-            generate_synthetic(root, images, seed, synthetic.min_size, synthetic.max_size)
+        synthetic = cfg.data.synthetic.model_copy(update={"num_images": images, "seed": seed})
+        ensure_synthetic(cfg.data.model_copy(update={"root": root, "synthetic": synthetic}))
     elif args.eval_splits == [cfg.data.val_split]:
         return data_manifest["splits"]["val"]
     dataset = VOCLayoutDataset(root, cfg.data.kind)

@@ -13,6 +13,7 @@ from flows.config import PipelineConfig
 from storage import fs
 from storage.digests import damaged_units
 from storage.tracking import Tracker
+from tasks.common import CAM_WEIGHTS
 from tasks.eval_cam import RESULTS_NAME as CAM_EVAL
 from tasks.eval_cam import eval_cam_task, merge_cam_eval
 from tasks.eval_pseudo_labels import PSEUDO_LABEL_EVAL, evaluate_pseudo_labels_task, merge_pseudo_label_eval
@@ -25,9 +26,7 @@ from tasks.make_pseudo_labels import make_pseudo_labels_task
 from tasks.prepare_data import prepare_data_task
 from tasks.shards import partial_dir
 from tasks.train_cam import train_cam_task
-from tasks.common import CAM_WEIGHTS
-from tasks.train_irn import train_irn_task
-from tasks.train_irn import TrainIrnConfig
+from tasks.train_irn import TrainIrnConfig, train_irn_task
 from tasks.train_seg import TrainSegConfig, train_seg_task
 
 Section = TypeVar("Section", TrainIrnConfig, TrainSegConfig)

@@ -1,5 +1,5 @@
-"""Helpers every stage may use: device choice and settings hashes (a neutral module, so that a stage's code
-version does not depend on another stage's module)."""
+"""Helpers every stage may use: device choice, mixed precision, settings hashes and backbone weights (a neutral
+module, so that a stage's code version does not depend on another stage's module)."""
 from __future__ import annotations
 
 import hashlib
@@ -34,7 +34,6 @@ def amp_enabled(requested: bool, device: torch.device) -> bool:
     if requested and device.type != "cuda":
         log.warning("amp requested but the device is %s; training in fp32", device)
     return requested and device.type == "cuda"
-
 
 
 def load_backbone_weights(backbone: ResNetBackbone, url: str) -> None:

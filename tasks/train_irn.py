@@ -30,18 +30,16 @@ from storage.datasets.split_files import load_split_file
 from storage.datasets.voc_layout import Split
 from storage.tracking import Tracker
 from tasks import distributed
+from tasks.common import config_hash, load_backbone_weights, resolve_device, unresolved_cam_weights
 from tasks.distributed import RankBatches, seeded_model
 from tasks.resume import (latest_training_state, loss_summary, rank_states, report_step, restore_rank_state,
                           save_training_state)
-from tasks.common import config_hash, load_backbone_weights, resolve_device, unresolved_cam_weights
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "train_irn.json"
 FINAL = "irn.pt"
 KIND = "irn"
-
-
 
 
 class TrainIrnConfig(BaseModel):
