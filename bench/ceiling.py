@@ -28,7 +28,7 @@ os.chdir(ROOT)  # the config's relative paths (data/synthetic) are relative to t
 from flows.config import load_config  # noqa: E402
 from storage import fs  # noqa: E402
 from storage.datasets.split_files import load_split_file  # noqa: E402
-from tasks.common import CAM_WEIGHTS  # noqa: E402
+from tasks.runtime.weights import CAM_WEIGHTS  # noqa: E402
 from tasks.eval_seg import RESULTS, eval_seg  # noqa: E402
 from tasks.prepare_data import prepare_data  # noqa: E402
 from tasks.train_seg import train_seg  # noqa: E402
@@ -54,9 +54,9 @@ def cam_checkpoint(run_dir: str) -> str:
 
 
 def weak_result(run_dir: str) -> dict:
-    """The run's pseudo-label and segmentation figures (metrics/*.json of a finished pipeline run)."""
-    seg = json.loads(fs.read_text(fs.join(run_dir, "metrics", RESULTS)))["summary"]
-    labels = json.loads(fs.read_text(fs.join(run_dir, "metrics", "pseudo_label_eval.json")))["scores"]["miou"]
+    """The run's pseudo-label and segmentation figures (eval_pseudo_labels/ and eval_seg/ of a finished pipeline run)."""
+    seg = json.loads(fs.read_text(fs.join(run_dir, "eval_seg", RESULTS)))["summary"]
+    labels = json.loads(fs.read_text(fs.join(run_dir, "eval_pseudo_labels", "pseudo_label_eval.json")))["scores"]["miou"]
     return {"run_dir": run_dir, "pseudo_label_miou": labels, **seg}
 
 
@@ -73,7 +73,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     cfg = load_config(args.config, args.override)
-    data = prepare_data(cfg.data, args.workdir, fs.join(args.workdir, "_cache"))
+    data = prepare_data(cfg.prepare_data, args.workdir, fs.join(args.workdir, "_cache"))
     train_url, val_url = data["splits"]["train"], data["splits"]["val"]
     seg_cfg = cfg.train_seg
     if seg_cfg.weights == CAM_WEIGHTS:  # the same initialisation as the run's segmenter: its CAM backbone

@@ -32,7 +32,7 @@ from storage.datasets.split_files import save_split  # noqa: E402
 from storage.datasets.synthetic import SPLITS, generate_synthetic  # noqa: E402
 from storage.datasets.voc_layout import VOCLayoutDataset  # noqa: E402
 from tasks.infer_cams import union_of_splits  # noqa: E402
-from tasks.make_ir_labels import IrLabelConfig, make_ir_labels  # noqa: E402
+from tasks.make_ir_labels import MakeIrLabelsConfig, make_ir_labels  # noqa: E402
 from tests.fake_cams import fake_cam_store  # noqa: E402
 
 SPEEDUP_TARGET = 1.8
@@ -75,7 +75,7 @@ def main() -> None:
             for workers in (1, 2):
                 out = root / f"labels-{workers}-{repeat}"
                 cpu = cpu_seconds()
-                manifest = make_ir_labels(IrLabelConfig(workers=workers), store_url, split_url, str(out))
+                manifest = make_ir_labels(MakeIrLabelsConfig(workers=workers), store_url, split_url, str(out))
                 cpu = cpu_seconds() - cpu
                 labels = contents(out)
                 reference = reference or labels

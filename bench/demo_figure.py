@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/demo_figure.py runs/synthetic-demo docs/demo_overlays.png
 
-Each row is one overlay the run wrote under ``metrics/``: the CAMs (image, ground truth, P, K) and the pseudo labels
+Each row is one overlay the run's evaluations wrote: the CAMs (image, ground truth, P, K) and the pseudo labels
 of the same training images, then segmentation predictions (image, ground truth, without and with CRF) on val images.
 """
 from __future__ import annotations
@@ -16,9 +16,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ROWS = (("overlays", "CAMs: image, ground truth, prototype CAM P, PCM CAM K"),
-        ("pseudo_label_eval_overlays", "pseudo labels: image, ground truth, labels"),
-        ("seg_overlays", "segmentation (val): image, ground truth, prediction, with CRF"))
+ROWS = (("eval_cam/overlays", "CAMs: image, ground truth, prototype CAM P, PCM CAM K"),
+        ("eval_pseudo_labels/pseudo_label_eval_overlays", "pseudo labels: image, ground truth, labels"),
+        ("eval_seg/seg_overlays", "segmentation (val): image, ground truth, prediction, with CRF"))
 
 
 def main() -> None:
@@ -27,12 +27,12 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--per-row", type=int, default=2, help="overlays of each kind")
     args = parser.parse_args()
-    metrics = Path(args.run_dir) / "metrics"
+    run_dir = Path(args.run_dir)
     tiles = []
     for folder, _ in ROWS:
-        names = sorted((metrics / folder).glob("*.png"))[: args.per_row]
+        names = sorted((run_dir / folder).glob("*.png"))[: args.per_row]
         if not names:
-            raise SystemExit(f"{metrics / folder}: no overlays (is {args.run_dir} a finished demo run?)")
+            raise SystemExit(f"{run_dir / folder}: no overlays (is {args.run_dir} a finished demo run?)")
         tiles.extend(Image.open(name).convert("RGB") for name in names)
     width = max(tile.width for tile in tiles)
     canvas = Image.new("RGB", (width, sum(tile.height for tile in tiles)), (255, 255, 255))

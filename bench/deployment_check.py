@@ -260,7 +260,7 @@ def check(work: Path, result: dict[str, Any], timeout_s: float, stage: str | Non
             wait_for("worker registration", lambda: bool(api(f"{api_url}/work_pools/{pool}/workers/filter", {})),
                      120, services)
 
-        overrides = [*TINY, f"run.root={work / 'runs'}", f"data.root={work / 'data'}", f"run.name={RUN_NAME}"]
+        overrides = [*TINY, f"run.root={work / 'runs'}", f"prepare_data.root={work / 'data'}", f"run.name={RUN_NAME}"]
         run_deployment("synthetic", {"overrides": overrides}, api_url, env, work, timeout_s, worker, result)
         listed = sorted(read_pipeline_summary(work / "runs" / RUN_NAME)["stages"])
         if listed != sorted(STAGE_NAMES):

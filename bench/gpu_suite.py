@@ -86,7 +86,7 @@ def cuda_tests_command(python: str) -> list[str]:
 def flow_command(python: str, work: Path) -> list[str]:
     """The demo flow on CUDA, its runs, data and MLflow store in ``work``."""
     return [python, "-m", "flows.cli", "run", "-c", "configs/synthetic.yaml", "run.device=cuda",
-            f"run.root={work / 'runs'}", f"data.root={work / 'data'}", "run.name=gpu-suite-demo"]
+            f"run.root={work / 'runs'}", f"prepare_data.root={work / 'data'}", "run.name=gpu-suite-demo"]
 
 
 def run_command(command: list[str], timeout_s: float, env: dict[str, str] | None = None) -> dict:

@@ -56,7 +56,8 @@ from storage.plots import bar_chart_png  # noqa: E402
 from tasks.eval_cam import REFERENCE_RULE, RESULTS, eval_cam  # noqa: E402
 from tasks.infer_cams import infer_cams, load_cam_network, union_of_splits  # noqa: E402
 from tasks.prepare_data import ensure_synthetic, prepare_data  # noqa: E402
-from tasks.common import config_hash, resolve_device  # noqa: E402
+from tasks.runtime.device import resolve_device  # noqa: E402
+from tasks.runtime.hashing import config_hash  # noqa: E402
 from tasks.train_cam import train_cam  # noqa: E402
 
 log = logging.getLogger("bench.sfc_vs_baseline")
@@ -207,15 +208,15 @@ def eval_split_url(args, cfg, data_manifest: dict) -> str:
     split of the synthetic dataset has masks; val and test are disjoint from train_aug), or with
     ``--eval-dataset SEED:IMAGES`` every image of a separately generated synthetic dataset (other images than
     the training set's, as many as the tail classes need)."""
-    root = cfg.data.root
+    root = cfg.prepare_data.root
     if args.eval_dataset:
         seed, images = (int(v) for v in args.eval_dataset.split(":"))
-        root = f"{cfg.data.root}-eval-seed{seed}-{images}"
-        synthetic = cfg.data.synthetic.model_copy(update={"num_images": images, "seed": seed})
-        ensure_synthetic(cfg.data.model_copy(update={"root": root, "synthetic": synthetic}))
-    elif args.eval_splits == [cfg.data.val_split]:
+        root = f"{cfg.prepare_data.root}-eval-seed{seed}-{images}"
+        synthetic = cfg.prepare_data.synthetic.model_copy(update={"num_images": images, "seed": seed})
+        ensure_synthetic(cfg.prepare_data.model_copy(update={"root": root, "synthetic": synthetic}))
+    elif args.eval_splits == [cfg.prepare_data.val_split]:
         return data_manifest["splits"]["val"]
-    dataset = VOCLayoutDataset(root, cfg.data.kind)
+    dataset = VOCLayoutDataset(root, cfg.prepare_data.kind)
     union = union_of_splits([dataset.load_split(name) for name in args.eval_splits])
     train_ids = set(load_split_file(data_manifest["splits"]["train"]).ids)
     if not args.eval_dataset and train_ids & set(union.ids):
@@ -401,7 +402,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     cfg = load_config(args.config, args.override)
-    data_manifest = prepare_data(cfg.data, args.workdir, fs.join(args.workdir, "_cache"))
+    data_manifest = prepare_data(cfg.prepare_data, args.workdir, fs.join(args.workdir, "_cache"))
     class_counts = json.loads(fs.read_text(data_manifest["stats"]))["class_counts"]
     eval_url = eval_split_url(args, cfg, data_manifest)
     runs = {}

@@ -149,7 +149,7 @@ def train(stage: str, config: str, overrides: tuple[str, ...]) -> None:
     cfg = _load(config, overrides)
     from flows.pipeline import train_stage
     from storage.datasets.voc_layout import DataError
-    from tasks.distributed import Ranks, cleanup
+    from tasks.engine.distributed import Ranks, cleanup
 
     try:
         manifest = train_stage(cfg, stage)

@@ -3,23 +3,29 @@ overridden by dotted ``key.sub=value`` arguments. Invalid configurations fail be
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from storage import fs
 from tasks.eval_cam import EvalCamConfig
 from tasks.eval_seg import EvalSegConfig
-from tasks.infer_cams import InferCamConfig
-from tasks.make_ir_labels import IrLabelConfig
-from tasks.make_pseudo_labels import PseudoLabelConfig
-from tasks.prepare_data import DataConfig
+from tasks.infer_cams import InferCamsConfig
+from tasks.make_ir_labels import MakeIrLabelsConfig
+from tasks.make_pseudo_labels import MakePseudoLabelsConfig
+from tasks.prepare_data import PrepareDataConfig
 from tasks.train_cam import TrainCamConfig
 from tasks.train_irn import TrainIrnConfig
 from tasks.train_seg import TrainSegConfig
+
+log = logging.getLogger(__name__)
+
+# Section names of earlier releases -> the stage's name; configs and run directories written with them still load.
+RENAMED_SECTIONS = {"data": "prepare_data", "ir_labels": "make_ir_labels", "pseudo_labels": "make_pseudo_labels"}
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -74,15 +80,20 @@ class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     run: RunConfig = RunConfig()
     tracking: TrackingConfig = TrackingConfig()
-    data: DataConfig
+    prepare_data: PrepareDataConfig
     train_cam: TrainCamConfig = TrainCamConfig()
-    infer_cams: InferCamConfig = InferCamConfig()
+    infer_cams: InferCamsConfig = InferCamsConfig()
     eval_cam: EvalCamConfig = EvalCamConfig()
-    ir_labels: IrLabelConfig = IrLabelConfig()
+    make_ir_labels: MakeIrLabelsConfig = MakeIrLabelsConfig()
     train_irn: TrainIrnConfig = TrainIrnConfig()
-    pseudo_labels: PseudoLabelConfig = PseudoLabelConfig()
+    make_pseudo_labels: MakePseudoLabelsConfig = MakePseudoLabelsConfig()
     train_seg: TrainSegConfig = TrainSegConfig()
     eval_seg: EvalSegConfig = EvalSegConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_sections(cls, tree: Any) -> Any:
+        return rename_sections(tree) if isinstance(tree, dict) else tree
 
     @property
     def run_dir(self) -> str:
@@ -111,6 +122,20 @@ class PipelineConfig(BaseModel):
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
 
 
+def rename_sections(tree: dict) -> dict:
+    """``tree`` with the sections of earlier releases under their stage's name, each with a deprecation warning;
+    a section given under both names is an error."""
+    tree = dict(tree)
+    for old, new in RENAMED_SECTIONS.items():
+        if old not in tree:
+            continue
+        if new in tree:
+            raise ConfigError(f"sections {old!r} and {new!r} are the same; keep only {new!r}")
+        log.warning("config section %r is deprecated; call it %r (the name of its stage)", old, new)
+        tree[new] = tree.pop(old)
+    return tree
+
+
 def default_tracking_uri(root: str) -> str:
     """The MLflow store of a runs folder: SQLite next to the run directories."""
     return f"sqlite:///{_local_root(root) / 'mlflow.db'}"
@@ -131,6 +156,10 @@ def apply_override(tree: dict, assignment: str) -> None:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {assignment!r} must look like section.key=value")
     *parents, leaf = key.split(".")
+    if parents and parents[0] in RENAMED_SECTIONS:
+        log.warning("config section %r is deprecated; call it %r (the name of its stage)", parents[0],
+                    RENAMED_SECTIONS[parents[0]])
+        parents[0] = RENAMED_SECTIONS[parents[0]]
     node = tree
     for part in parents:
         child = node.setdefault(part, {})
@@ -177,6 +206,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
+        tree = rename_sections(tree)
     for assignment in overrides:
         apply_override(tree, assignment)
     try:

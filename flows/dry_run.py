@@ -1,7 +1,7 @@
 """``sfc run --dry-run``: check a configuration's data folder and weights files in seconds, without running a
 stage, and say what the run would do (stages, image counts, training steps, disk for the CAM store).
 
-Images are listed, not decoded (the data stage decodes them); XML annotations are parsed for the image-level labels;
+Images are listed, not decoded (the prepare_data stage decodes them); XML annotations are parsed for the image-level labels;
 weights files are loaded into the network that will use them. Every problem found is reported, not just the first.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from storage import fs
 from storage.datasets.catalog import DEFAULT_CLASSES
 from storage.datasets.voc_layout import MASK_FOLDERS, TRAIN_AUG, DataError, VOCLayoutDataset
 from storage.images import BadImageError, image_size
-from tasks.common import CAM_WEIGHTS, load_backbone_weights
+from tasks.runtime.weights import CAM_WEIGHTS, load_backbone_weights
 from tasks.prepare_data import SYNTHETIC_MARKER
 
 # Size of the CAM store over its raw float16 payload, Blosc-LZ4 on CAM-like data (bench/cam_store.py: 17.6% of the
@@ -120,8 +120,8 @@ def _check_split(dataset: VOCLayoutDataset, cfg: PipelineConfig, role: str, name
     labels, bad = dataset.image_labels(ids) if role != "test" else ({}, {})
     if bad:
         message = f"{role} split {name!r}: {len(bad)} images without a usable label, e.g. {next(iter(bad.values()))}"
-        if cfg.data.on_bad_data == "skip":
-            facts.append(f"{len(bad)} without a label, skipped (data.on_bad_data=skip)")
+        if cfg.prepare_data.on_bad_data == "skip":
+            facts.append(f"{len(bad)} without a label, skipped (prepare_data.on_bad_data=skip)")
         else:
             report.problems.append(message)
     if role in ("val", "seed"):
@@ -132,7 +132,7 @@ def _check_split(dataset: VOCLayoutDataset, cfg: PipelineConfig, role: str, name
                                    f"{len(without)} images: {_first(without)}")
         by_folder = {f: sum(1 for u in masks.values() if u and f"/{f}/" in u) for f in MASK_FOLDERS}
         facts.append("masks: " + ", ".join(f"{n} in {f}" for f, n in by_folder.items() if n))
-    if role == "train" and name == TRAIN_AUG and cfg.data.kind == "voc" and len(ids) != VOC_TRAIN_AUG:
+    if role == "train" and name == TRAIN_AUG and cfg.prepare_data.kind == "voc" and len(ids) != VOC_TRAIN_AUG:
         facts.append(f"the official VOC2012 + SBD train_aug has {VOC_TRAIN_AUG}; SBD missing? (sfc convert-sbd)")
     report.lines.append(f"  {role:<6} {name:<10} " + "; ".join(facts))
     return ids, labels
@@ -143,15 +143,15 @@ Found = dict[str, tuple[list[str], dict[str, np.ndarray]]]  # role -> (ids, labe
 
 def _check_data(cfg: PipelineConfig, report: DryRun) -> tuple[tuple[str, ...], Found]:
     """The class names and each role's ids and labels (none when the data cannot be read)."""
-    data = cfg.data
+    data = cfg.prepare_data
     if data.kind == "synthetic" and not fs.exists(fs.join(data.root, SYNTHETIC_MARKER)):
-        report.lines.append(f"data: synthetic, generated at {data.root} by the data stage "
+        report.lines.append(f"data: synthetic, generated at {data.root} by the prepare_data stage "
                             f"({data.synthetic.num_images} images)")
         return DEFAULT_CLASSES["synthetic"], {}
     try:
         dataset = VOCLayoutDataset(data.root, data.kind)
     except DataError as err:
-        report.problems.append(f"data.root: {err}")
+        report.problems.append(f"prepare_data.root: {err}")
         return DEFAULT_CLASSES[data.kind], {}
     report.lines.append(f"data: {data.kind} at {data.root}, {len(dataset.class_names) - 1} classes")
     jpegs = fs.join(data.root, "JPEGImages")
@@ -185,7 +185,7 @@ def _stage_work(cfg: PipelineConfig, stage: str, counts: dict[str, int], report:
         "infer_cams": f"{train} images x {len(cfg.infer_cams.scales)} scales + flips into the CAM store",
         "eval_cam": f"{seed} seed images",
         "make_ir_labels": f"{train} IR labels (two dense CRFs each)",
-        "make_pseudo_labels": f"{train} pseudo labels ({cfg.pseudo_labels.method})",
+        "make_pseudo_labels": f"{train} pseudo labels ({cfg.make_pseudo_labels.method})",
         "eval_pseudo_labels": f"{seed} seed images",
         "eval_seg": f"{val} val images" + (f", {test} test images exported" if test else ""),
     }
@@ -201,14 +201,14 @@ def _store_estimate(cfg: PipelineConfig, ids: list[str], labels: dict[str, np.nd
         if image_id not in labels:
             continue
         try:
-            height, width = image_size(fs.join(cfg.data.root, "JPEGImages", f"{image_id}.jpg"))
+            height, width = image_size(fs.join(cfg.prepare_data.root, "JPEGImages", f"{image_id}.jpg"))
         except BadImageError:
             continue
         per_image.append(2 * (1 + int(labels[image_id].sum())) * height * width * 2)
     if not per_image:
         return
     raw = report.store_bytes = float(np.mean(per_image)) * len(ids)
-    line = (f"CAM store: {fs.join(cfg.run_dir, 'cams.zarr')}: about {_size(raw * STORE_RATIO)} "
+    line = (f"CAM store: {fs.join(cfg.run_dir, 'infer_cams', 'cams.zarr')}: about {_size(raw * STORE_RATIO)} "
             f"({_size(raw)} of float16 before compression; from the sizes of {len(per_image)} images)")
     if fs.is_local(cfg.run.root):
         existing = Path(cfg.run.root.removeprefix("file://")).resolve()

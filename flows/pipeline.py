@@ -30,8 +30,8 @@ from flows.stages import (STAGE_BY_NAME, STAGES, Stage, damaged_outputs, failure
 from storage import fs
 from storage.digests import combined_digest, content_digests
 from storage.tracking import Tracker, open_tracker
-from tasks.distributed import Ranks
-from tasks.shards import all_shards
+from tasks.engine.distributed import Ranks
+from tasks.engine.shards import all_shards
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +231,8 @@ def train_stage(cfg: PipelineConfig, name: str) -> dict:
     if name not in TRAINING_STAGES:
         raise ValueError(f"{name} is not a training stage; training stages: {', '.join(TRAINING_STAGES)}")
     if not stage.enabled(cfg):
-        raise ValueError(f"{name} is not part of this configuration (pseudo_labels.method="
-                         f"{cfg.pseudo_labels.method})")
+        raise ValueError(f"{name} is not part of this configuration (make_pseudo_labels.method="
+                         f"{cfg.make_pseudo_labels.method})")
     manifests = stage_inputs(cfg, stage)
     ranks = Ranks.from_env()
     if not ranks.is_main:
@@ -283,7 +283,7 @@ def sfc_pipeline(config: dict, stages: list[str] | None = None, start: str | Non
     selected = select_stages(stages, start)
     if stages and (disabled := [s.name for s in selected if not s.enabled(cfg)]):
         raise ValueError(f"stage(s) {', '.join(disabled)} are not part of this configuration "
-                         f"(pseudo_labels.method={cfg.pseudo_labels.method})")
+                         f"(make_pseudo_labels.method={cfg.make_pseudo_labels.method})")
     run_dir = cfg.run_dir
     tracker = open_run(cfg, prefect_flow_run_id=str(flow_run.get_id()))
     manifests: dict[str, dict | None] = {}

@@ -84,7 +84,7 @@ def run_status(cfg: PipelineConfig, verify: bool = False) -> list[StageStatus]:
     (finished under another config or code, or a stage it reads is not done), damaged (with ``verify``: some of
     its outputs are gone or differ from their recorded content hashes; a run redoes just those), failed (the last
     attempt raised), started (running, or killed while it ran: a resume continues it), pending, or disabled (not
-    part of this configuration, e.g. IRN when pseudo_labels.method is crf)."""
+    part of this configuration, e.g. IRN when make_pseudo_labels.method is crf)."""
     statuses: list[StageStatus] = []
     manifests: dict[str, dict | None] = {}
     states: dict[str, str] = {}

@@ -13,18 +13,15 @@ from flows.config import PipelineConfig
 from storage import fs
 from storage.digests import damaged_units
 from storage.tracking import Tracker
-from tasks.common import CAM_WEIGHTS
-from tasks.eval_cam import RESULTS_NAME as CAM_EVAL
+from tasks.runtime.weights import CAM_WEIGHTS
 from tasks.eval_cam import eval_cam_task, merge_cam_eval
-from tasks.eval_pseudo_labels import PSEUDO_LABEL_EVAL, evaluate_pseudo_labels_task, merge_pseudo_label_eval
-from tasks.eval_seg import RESULTS_NAME as SEG_EVAL
+from tasks.eval_pseudo_labels import eval_pseudo_labels_task, merge_pseudo_label_eval
 from tasks.eval_seg import eval_seg_task, merge_seg_eval
 from tasks.infer_cams import infer_cams_task, merge_infer_manifests
-from tasks.label_maps import merge_label_manifests
+from tasks.engine.label_maps import merge_label_manifests
 from tasks.make_ir_labels import make_ir_labels_task
 from tasks.make_pseudo_labels import make_pseudo_labels_task
 from tasks.prepare_data import prepare_data_task
-from tasks.shards import partial_dir
 from tasks.train_cam import train_cam_task
 from tasks.train_irn import TrainIrnConfig, train_irn_task
 from tasks.train_seg import TrainSegConfig, train_seg_task
@@ -39,7 +36,7 @@ def _always(cfg: PipelineConfig) -> bool:
 
 
 def _uses_irn(cfg: PipelineConfig) -> bool:
-    return cfg.pseudo_labels.method == "irn"
+    return cfg.make_pseudo_labels.method == "irn"
 
 
 @dataclass(frozen=True)
@@ -49,7 +46,7 @@ class Stage:
     sections: tuple[str, ...]  # config sections the stage's outputs depend on
     needs: tuple[str, ...]  # stages whose manifests it reads (None for a disabled stage)
     arguments: Arguments
-    enabled: Callable[[PipelineConfig], bool] = _always  # e.g. IRN only for pseudo_labels.method=irn
+    enabled: Callable[[PipelineConfig], bool] = _always  # e.g. IRN only for make_pseudo_labels.method=irn
     owns: tuple[str, ...] = ()  # run-directory entries only this stage writes: cleared when its inputs change
     merge: Merge | None = None  # set for per-image stages that run as mapped shards
 
@@ -93,14 +90,10 @@ def _out(cfg: PipelineConfig, name: str) -> str:
     return fs.join(cfg.run_dir, name)
 
 
-def _partials(name: str) -> str:
-    """Where a sharded evaluation keeps its shards' partial states until they are merged (relative to the run)."""
-    return partial_dir("metrics", name)
-
-
 STAGES: tuple[Stage, ...] = (
     Stage("prepare_data", prepare_data_task, ("data",), (),
-          lambda cfg, m, t: {"cfg": cfg.data, "run_dir": cfg.run_dir, "cache_dir": cfg.cache_dir, "tracker": t}),
+          lambda cfg, m, t: {"cfg": cfg.prepare_data, "out_dir": _out(cfg, "prepare_data"),
+                             "cache_dir": cfg.cache_dir, "tracker": t}, owns=("prepare_data",)),
     Stage("train_cam", train_cam_task, ("train_cam",), ("prepare_data",),
           lambda cfg, m, t: {"cfg": cfg.train_cam, "train_split_url": _splits(m)["train"],
                              "val_split_url": _splits(m)["val"], "out_dir": _out(cfg, "train_cam"),
@@ -110,31 +103,31 @@ STAGES: tuple[Stage, ...] = (
           lambda cfg, m, t: {"cfg": cfg.infer_cams, "checkpoint_url": m["train_cam"]["checkpoint"],
                              "split_urls": [_splits(m)["train"]], "store_url": cam_store_url(cfg),
                              "device": cfg.run.device, "tracker": t},
-          owns=("cams.zarr",), merge=lambda shards, _: merge_infer_manifests(shards)),
+          owns=("infer_cams",), merge=lambda shards, _: merge_infer_manifests(shards)),
     Stage("eval_cam", eval_cam_task, ("eval_cam",), ("prepare_data", "infer_cams"),
           lambda cfg, m, t: {"cfg": cfg.eval_cam, "store_url": m["infer_cams"]["store"],
-                             "split_url": _splits(m)["seed"], "out_dir": _out(cfg, "metrics"), "tracker": t},
-          owns=(_partials(CAM_EVAL),), merge=lambda shards, arguments: merge_cam_eval(shards, **arguments)),
-    Stage("make_ir_labels", make_ir_labels_task, ("ir_labels",), ("prepare_data", "infer_cams"),
-          lambda cfg, m, t: {"cfg": cfg.ir_labels, "store_url": m["infer_cams"]["store"],
-                             "split_url": _splits(m)["train"], "out_dir": _out(cfg, "ir_labels"), "tracker": t},
-          enabled=_uses_irn, owns=("ir_labels",), merge=lambda shards, _: merge_label_manifests(shards)),
+                             "split_url": _splits(m)["seed"], "out_dir": _out(cfg, "eval_cam"), "tracker": t},
+          owns=("eval_cam",), merge=lambda shards, arguments: merge_cam_eval(shards, **arguments)),
+    Stage("make_ir_labels", make_ir_labels_task, ("make_ir_labels",), ("prepare_data", "infer_cams"),
+          lambda cfg, m, t: {"cfg": cfg.make_ir_labels, "store_url": m["infer_cams"]["store"],
+                             "split_url": _splits(m)["train"], "out_dir": _out(cfg, "make_ir_labels"), "tracker": t},
+          enabled=_uses_irn, owns=("make_ir_labels",), merge=lambda shards, _: merge_label_manifests(shards)),
     Stage("train_irn", train_irn_task, ("train_irn",), ("prepare_data", "train_cam", "make_ir_labels"),
           lambda cfg, m, t: {"cfg": _with_cam_weights(cfg.train_irn, m), "ir_label_dir": m["make_ir_labels"]["out_dir"],
-                             "split_file": _splits(m)["train"], "out_dir": _out(cfg, "train_irn"),
+                             "split_url": _splits(m)["train"], "out_dir": _out(cfg, "train_irn"),
                              "seed": cfg.run.seed, "device": cfg.run.device, "tracker": t},
           enabled=_uses_irn, owns=("train_irn",)),
-    Stage("make_pseudo_labels", make_pseudo_labels_task, ("pseudo_labels",),
+    Stage("make_pseudo_labels", make_pseudo_labels_task, ("make_pseudo_labels",),
           ("prepare_data", "infer_cams", "train_irn"),
-          lambda cfg, m, t: {"cfg": cfg.pseudo_labels, "store_url": m["infer_cams"]["store"],
-                             "split_url": _splits(m)["train"], "out_dir": _out(cfg, "pseudo_labels"),
+          lambda cfg, m, t: {"cfg": cfg.make_pseudo_labels, "store_url": m["infer_cams"]["store"],
+                             "split_url": _splits(m)["train"], "out_dir": _out(cfg, "make_pseudo_labels"),
                              "device": cfg.run.device, "tracker": t,
-                             "irn_checkpoint": (m["train_irn"] or {}).get("checkpoint")},
-          owns=("pseudo_labels",), merge=lambda shards, _: merge_label_manifests(shards)),
-    Stage("eval_pseudo_labels", evaluate_pseudo_labels_task, (), ("prepare_data", "make_pseudo_labels"),
+                             "irn_checkpoint_url": (m["train_irn"] or {}).get("checkpoint")},
+          owns=("make_pseudo_labels",), merge=lambda shards, _: merge_label_manifests(shards)),
+    Stage("eval_pseudo_labels", eval_pseudo_labels_task, (), ("prepare_data", "make_pseudo_labels"),
           lambda cfg, m, t: {"split_url": _splits(m)["seed"], "label_dir": m["make_pseudo_labels"]["out_dir"],
-                             "out_dir": _out(cfg, "metrics"), "tracker": t},
-          owns=(_partials(PSEUDO_LABEL_EVAL),),
+                             "out_dir": _out(cfg, "eval_pseudo_labels"), "tracker": t},
+          owns=("eval_pseudo_labels",),
           merge=lambda shards, arguments: merge_pseudo_label_eval(shards, **arguments)),
     Stage("train_seg", train_seg_task, ("train_seg",), ("prepare_data", "train_cam", "make_pseudo_labels"),
           lambda cfg, m, t: {"cfg": _with_cam_weights(cfg.train_seg, m), "train_split_url": _splits(m)["train"],
@@ -142,17 +135,17 @@ STAGES: tuple[Stage, ...] = (
                              "val_split_url": _splits(m)["val"], "out_dir": _out(cfg, "train_seg"),
                              "seed": cfg.run.seed, "device": cfg.run.device, "tracker": t}, owns=("train_seg",)),
     Stage("eval_seg", eval_seg_task, ("eval_seg",), ("prepare_data", "train_seg"),
-          lambda cfg, m, t: {"cfg": cfg.eval_seg, "checkpoint": m["train_seg"]["checkpoint"],
-                             "val_split_url": _splits(m)["val"], "out_dir": _out(cfg, "metrics"),
+          lambda cfg, m, t: {"cfg": cfg.eval_seg, "checkpoint_url": m["train_seg"]["checkpoint"],
+                             "val_split_url": _splits(m)["val"], "out_dir": _out(cfg, "eval_seg"),
                              "device": cfg.run.device, "tracker": t, "test_split_url": _splits(m).get("test")},
-          owns=(_partials(SEG_EVAL),), merge=lambda shards, arguments: merge_seg_eval(shards, **arguments)),
+          owns=("eval_seg",), merge=lambda shards, arguments: merge_seg_eval(shards, **arguments)),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
 
 
 def cam_store_url(cfg: PipelineConfig) -> str:
-    return fs.join(cfg.run_dir, "cams.zarr")
+    return fs.join(cfg.run_dir, "infer_cams", "cams.zarr")
 
 
 def manifest_url(run_dir: str, stage: str) -> str:

@@ -20,7 +20,7 @@ from storage.images import read_mask, read_rgb
 from storage.plots import bar_chart_png, curves_png, overlay_png
 from storage.reports import class_metrics, format_table
 from storage.tracking import Tracker
-from tasks.shards import empty_partial, merge_partials, save_partial, shard_items
+from tasks.engine.shards import empty_partial, merge_partials, save_partial, shard_items
 
 log = logging.getLogger(__name__)
 

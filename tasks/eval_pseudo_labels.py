@@ -22,15 +22,15 @@ from storage.images import read_mask, read_rgb
 from storage.plots import bar_chart_png, overlay_png
 from storage.reports import class_metrics, format_table
 from storage.tracking import Tracker
-from tasks.label_maps import label_url
-from tasks.shards import empty_partial, merge_partials, save_partial, shard_items
+from tasks.engine.label_maps import label_url
+from tasks.engine.shards import empty_partial, merge_partials, save_partial, shard_items
 
 log = logging.getLogger(__name__)
 
 PSEUDO_LABEL_EVAL = "pseudo_label_eval"
 
 
-def evaluate_pseudo_labels(split_url: str, label_dir: str, out_dir: str, tracker: Tracker | None = None,
+def eval_pseudo_labels(split_url: str, label_dir: str, out_dir: str, tracker: Tracker | None = None,
                            name: str = PSEUDO_LABEL_EVAL, overlays: int = 4, shard: str | None = None) -> dict:
     """Score ``<label_dir>/<id>.png`` for every image of the split (which must have masks). Writes
     ``<out_dir>/<name>.json`` (mIoU, per-class IoU / precision / recall), ``<name>_iou.png`` (per-class bars) and
@@ -114,4 +114,4 @@ def _report(split: Split, state: dict, label_dir: str, out_dir: str, tracker: Tr
             "confident_miou": confident["miou"] if confident else None}
 
 
-evaluate_pseudo_labels_task = task(evaluate_pseudo_labels, name="evaluate_pseudo_labels", cache_policy=NO_CACHE)
+eval_pseudo_labels_task = task(eval_pseudo_labels, name="eval_pseudo_labels", cache_policy=NO_CACHE)

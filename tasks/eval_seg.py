@@ -40,10 +40,10 @@ from storage.plots import bar_chart_png, overlay_png
 from storage.reports import class_metrics, format_table
 from storage.digests import file_digest
 from storage.tracking import Tracker
-from tasks.parallel import parallel_map
-from tasks.seg_crf import crf_labels
-from tasks.shards import empty_partial, merge_partials, save_partial, shard_items
-from tasks.common import resolve_device
+from tasks.engine.parallel import parallel_map
+from tasks.engine.crf import crf_labels
+from tasks.engine.shards import empty_partial, merge_partials, save_partial, shard_items
+from tasks.runtime.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def _add_png(archive: tarfile.TarFile, name: str, data: bytes) -> None:
     archive.addfile(info, io.BytesIO(data))
 
 
-def eval_seg(cfg: EvalSegConfig, checkpoint: str, val_split_url: str, out_dir: str, device: str = "auto",
+def eval_seg(cfg: EvalSegConfig, checkpoint_url: str, val_split_url: str, out_dir: str, device: str = "auto",
              tracker: Tracker | None = None, test_split_url: str | None = None, shard: str | None = None) -> dict:
     """Evaluate a ``train_seg`` checkpoint on the validation split without and with CRF: ``<out_dir>/seg_eval.json``
     (mIoU, pixel accuracy and per-class IoU/precision/recall by class name), MLflow metrics, a per-class IoU bar
@@ -228,18 +228,18 @@ def eval_seg(cfg: EvalSegConfig, checkpoint: str, val_split_url: str, out_dir: s
     val, test = _load_splits(val_split_url, test_split_url)
     if shard is not None:
         return save_partial(out_dir, RESULTS_NAME, shard,
-                            lambda: _accumulate(cfg, checkpoint, val, test, device, shard))
-    state = _accumulate(cfg, checkpoint, val, test, device, None)
-    return _report(cfg, checkpoint, val, test, state, out_dir, tracker or Tracker.null())
+                            lambda: _accumulate(cfg, checkpoint_url, val, test, device, shard))
+    state = _accumulate(cfg, checkpoint_url, val, test, device, None)
+    return _report(cfg, checkpoint_url, val, test, state, out_dir, tracker or Tracker.null())
 
 
-def merge_seg_eval(shards: list[dict], cfg: EvalSegConfig, checkpoint: str, val_split_url: str, out_dir: str,
+def merge_seg_eval(shards: list[dict], cfg: EvalSegConfig, checkpoint_url: str, val_split_url: str, out_dir: str,
                    device: str = "auto", tracker: Tracker | None = None, test_split_url: str | None = None) -> dict:
     """The results of a sharded segmentation evaluation (``shards``: the shards' manifests), as one unsharded pass
     gives (the test archive included, byte for byte)."""
     val, test = _load_splits(val_split_url, test_split_url)
     return merge_partials(shards, out_dir, RESULTS_NAME, lambda state: _report(
-        cfg, checkpoint, val, test, state, out_dir, tracker or Tracker.null()))
+        cfg, checkpoint_url, val, test, state, out_dir, tracker or Tracker.null()))
 
 
 def _load_splits(val_split_url: str, test_split_url: str | None) -> tuple[Split, Split | None]:
@@ -250,9 +250,9 @@ def _load_splits(val_split_url: str, test_split_url: str | None) -> tuple[Split,
     return val, test
 
 
-def _accumulate(cfg: EvalSegConfig, checkpoint: str, val: Split, test: Split | None, device: str,
+def _accumulate(cfg: EvalSegConfig, checkpoint_url: str, val: Split, test: Split | None, device: str,
                 shard: str | None) -> dict:
-    model = load_segmenter(checkpoint, val.class_names)
+    model = load_segmenter(checkpoint_url, val.class_names)
     torch_device = resolve_device(device)
     fold_batchnorm(model.backbone)  # eval mode: same outputs, faster
     model.to(torch_device)
@@ -266,9 +266,9 @@ def _accumulate(cfg: EvalSegConfig, checkpoint: str, val: Split, test: Split | N
     return state
 
 
-def _report(cfg: EvalSegConfig, checkpoint: str, val: Split, test: Split | None, state: dict, out_dir: str,
+def _report(cfg: EvalSegConfig, checkpoint_url: str, val: Split, test: Split | None, state: dict, out_dir: str,
             tracker: Tracker) -> dict:
-    results = {"checkpoint": checkpoint, "checkpoint_hash": file_digest(checkpoint),
+    results = {"checkpoint": checkpoint_url, "checkpoint_hash": file_digest(checkpoint_url),
                "config": cfg.model_dump(mode="json"), "val": _split_results(val, "val", state)}
     archive_url = None
     if test is not None:

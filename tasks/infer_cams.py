@@ -20,14 +20,15 @@ from storage.datasets.cam_inference import MultiScaleSet
 from storage.datasets.split_files import load_split_file
 from storage.datasets.voc_layout import Split
 from storage.tracking import Tracker
-from tasks.shards import merge_counts, parse_shard
-from tasks.common import config_hash, resolve_device
+from tasks.engine.shards import merge_counts, parse_shard
+from tasks.runtime.device import resolve_device
+from tasks.runtime.hashing import config_hash
 
 log = logging.getLogger(__name__)
 
 
 
-class InferCamConfig(BaseModel):
+class InferCamsConfig(BaseModel):
     """CAM inference (docs/method.md section 6)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -87,7 +88,7 @@ def load_cam_network(checkpoint_url: str, class_names: tuple[str, ...],
 
 
 def infer_cams(
-    cfg: InferCamConfig,
+    cfg: InferCamsConfig,
     checkpoint_url: str,
     split_urls: list[str],
     store_url: str,

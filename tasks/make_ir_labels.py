@@ -8,30 +8,15 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.crf import CrfParams
+from tasks.engine.crf import CrfConfig
 from storage.tracking import Tracker
-from tasks.ir_label_worker import IrLabelJob
-from tasks.label_maps import claim_out_dir, open_inputs, write_all
+from tasks.engine.ir_label_worker import IrLabelJob
+from tasks.engine.label_maps import claim_out_dir, open_inputs, write_all
 
 log = logging.getLogger(__name__)
 
 
-class CrfConfig(BaseModel):
-    """Dense-CRF pairwise terms; defaults are the reference's ``crf_inference_label`` values."""
-
-    model_config = ConfigDict(extra="forbid")
-    iterations: int = Field(10, ge=1)
-    gaussian_sxy: float = Field(3.0, gt=0)
-    gaussian_compat: float = Field(3.0, ge=0)
-    bilateral_sxy: float = Field(50.0, gt=0)
-    bilateral_srgb: float = Field(5.0, gt=0)
-    bilateral_compat: float = Field(10.0, ge=0)
-
-    def params(self) -> CrfParams:
-        return CrfParams(**self.model_dump())
-
-
-class IrLabelConfig(BaseModel):
+class MakeIrLabelsConfig(BaseModel):
     """IR labels (docs/method.md section 7.1)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -42,21 +27,21 @@ class IrLabelConfig(BaseModel):
     workers: int | None = Field(None, ge=1, description="worker processes; default: one per core")
 
 
-def make_ir_labels(cfg: IrLabelConfig, store_url: str, split_url: str, out_dir: str,
+def make_ir_labels(cfg: MakeIrLabelsConfig, store_url: str, split_url: str, out_dir: str,
                    tracker: Tracker | None = None, shard: str | None = None) -> dict:
     """Write ``<out_dir>/<id>.png`` for every image of the split (or of its ``shard`` 'i/n') from its CAMs in the
     store; images already written are skipped (resume); a directory holding labels of other settings (config, CAM
     store) is refused. Returns the manifest (counts, timing, background / foreground / ignore fractions)."""
     tracker = tracker or Tracker.null()
     store, split = open_inputs(store_url, split_url)
-    digest = claim_out_dir(out_dir, {"stage": "ir_labels", "config": cfg.model_dump(mode="json", exclude={"workers"}),
+    digest = claim_out_dir(out_dir, {"stage": "make_ir_labels", "config": cfg.model_dump(mode="json", exclude={"workers"}),
                             "cam_store": [store.config_hash, store.checkpoint_hash]})
     job = IrLabelJob(store_url, out_dir, cfg.proto_weight, cfg.bg_scale, cfg.gt_prob, cfg.crf.params())
-    manifest = write_all(job, split, out_dir, cfg.workers, "ir_labels", shard)
+    manifest = write_all(job, split, out_dir, cfg.workers, "make_ir_labels", shard)
     manifest["settings_digest"] = digest
     log.info("IR labels: %d written, %d skipped, fractions %s", manifest["written"], manifest["skipped"],
              manifest["label_fractions"])
-    tracker.log_params({"ir_labels": cfg.model_dump(mode="json")})
+    tracker.log_params({"make_ir_labels": cfg.model_dump(mode="json")})
     tracker.log_metrics({"images": manifest["images"], "written": manifest["written"], "seconds": manifest["seconds"],
                          **{f"fraction/{k}": v for k, v in manifest["label_fractions"].items()}})
     return manifest

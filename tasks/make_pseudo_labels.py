@@ -17,16 +17,16 @@ from models.irn import EDGE_CANVAS, STRIDE
 from models.pseudo_labels import RandomWalkParams
 from storage.digests import file_digest
 from storage.tracking import Tracker
-from tasks.label_maps import claim_out_dir, open_inputs, write_all
-from tasks.make_ir_labels import CrfConfig
-from tasks.parallel import default_workers
-from tasks.pseudo_label_worker import PseudoLabelJob
-from tasks.common import resolve_device
+from tasks.engine.label_maps import claim_out_dir, open_inputs, write_all
+from tasks.engine.crf import CrfConfig
+from tasks.engine.parallel import default_workers
+from tasks.engine.pseudo_label_worker import PseudoLabelJob
+from tasks.runtime.device import resolve_device
 
 log = logging.getLogger(__name__)
 
 
-class PseudoLabelConfig(BaseModel):
+class MakePseudoLabelsConfig(BaseModel):
     """Pseudo labels (docs/method.md section 7.3); random-walk defaults are the reference's ``make_seg_labels``."""
 
     model_config = ConfigDict(extra="forbid")
@@ -63,33 +63,33 @@ class PseudoLabelConfig(BaseModel):
                                 self.exp_times)
 
 
-def make_pseudo_labels(cfg: PseudoLabelConfig, store_url: str, split_url: str, out_dir: str, device: str = "auto",
-                       tracker: Tracker | None = None, irn_checkpoint: str | None = None,
+def make_pseudo_labels(cfg: MakePseudoLabelsConfig, store_url: str, split_url: str, out_dir: str, device: str = "auto",
+                       tracker: Tracker | None = None, irn_checkpoint_url: str | None = None,
                        shard: str | None = None) -> dict:
     """Write ``<out_dir>/<id>.png`` for every image of the split (or of its ``shard`` 'i/n') with the configured
     method; images already written are skipped (resume); a directory holding labels of other settings (config,
-    CAM store, IRN weights) is refused. ``irn_checkpoint`` (the trained IRN) is required by method ``irn``."""
+    CAM store, IRN weights) is refused. ``irn_checkpoint_url`` (the trained IRN) is required by method ``irn``."""
     tracker = tracker or Tracker.null()
-    if cfg.method == "irn" and not irn_checkpoint:
-        raise ValueError("pseudo-label method 'irn' needs the IRN checkpoint (irn_checkpoint); "
+    if cfg.method == "irn" and not irn_checkpoint_url:
+        raise ValueError("pseudo-label method 'irn' needs the IRN checkpoint (irn_checkpoint_url); "
                          "use method 'crf' or 'none' without IRN")
     store, split = open_inputs(store_url, split_url)
-    digest = claim_out_dir(out_dir, {"stage": "pseudo_labels",
+    digest = claim_out_dir(out_dir, {"stage": "make_pseudo_labels",
                                      "config": cfg.model_dump(mode="json", exclude={"workers"}),
                                      "cam_store": [store.config_hash, store.checkpoint_hash],
-                                     "irn": file_digest(irn_checkpoint) if cfg.method == "irn" else None})
+                                     "irn": file_digest(irn_checkpoint_url) if cfg.method == "irn" else None})
     torch_device = resolve_device(device)
     on_accelerator = cfg.method == "irn" and torch_device.type != "cpu"
     workers = 1 if on_accelerator else cfg.workers or default_workers()
     job = PseudoLabelJob(store_url, out_dir, cfg.method, cfg.proto_weight, cfg.bg_threshold, cfg.gt_prob,
-                         cfg.crf.params(), cfg.random_walk_params(), str(torch_device), irn_checkpoint,
+                         cfg.crf.params(), cfg.random_walk_params(), str(torch_device), irn_checkpoint_url,
                          cfg.edge_canvas, max(1, default_workers() // workers))
-    manifest = write_all(job, split, out_dir, workers, f"pseudo_labels[{cfg.method}]", shard)
-    manifest.update({"method": cfg.method, "device": str(torch_device), "irn_checkpoint": irn_checkpoint,
+    manifest = write_all(job, split, out_dir, workers, f"make_pseudo_labels[{cfg.method}]", shard)
+    manifest.update({"method": cfg.method, "device": str(torch_device), "irn_checkpoint": irn_checkpoint_url,
                      "settings_digest": digest})
     log.info("pseudo labels (%s): %d written, %d skipped in %.1f s", cfg.method, manifest["written"],
              manifest["skipped"], manifest["seconds"])
-    tracker.log_params({"pseudo_labels": cfg.model_dump(mode="json"), "irn_checkpoint": irn_checkpoint})
+    tracker.log_params({"make_pseudo_labels": cfg.model_dump(mode="json"), "irn_checkpoint": irn_checkpoint_url})
     tracker.log_metrics({"images": manifest["images"], "written": manifest["written"], "seconds": manifest["seconds"],
                          **{f"fraction/{k}": v for k, v in manifest["label_fractions"].items()}})
     return manifest

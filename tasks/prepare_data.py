@@ -39,7 +39,7 @@ class SyntheticConfig(BaseModel):
     test_fraction: float = Field(0.15, gt=0, lt=1, description="share of the images in test")
 
 
-class DataConfig(BaseModel):
+class PrepareDataConfig(BaseModel):
     """Which dataset, where, and which splits the stages use."""
 
     model_config = ConfigDict(extra="forbid")
@@ -56,7 +56,7 @@ class DataConfig(BaseModel):
     synthetic: SyntheticConfig = SyntheticConfig()
 
 
-def ensure_synthetic(cfg: DataConfig) -> None:
+def ensure_synthetic(cfg: PrepareDataConfig) -> None:
     """Generate the synthetic dataset at ``cfg.root`` unless a complete one with the same parameters is there."""
     if cfg.kind != "synthetic":
         return
@@ -71,7 +71,7 @@ def ensure_synthetic(cfg: DataConfig) -> None:
     generate_synthetic(cfg.root, **wanted)
 
 
-def _checked(dataset: VOCLayoutDataset, split: Split, cfg: DataConfig) -> Split:
+def _checked(dataset: VOCLayoutDataset, split: Split, cfg: PrepareDataConfig) -> Split:
     problems = dataset.validate_split_files(split) if cfg.check_files else {}
     if not problems:
         return split
@@ -111,7 +111,7 @@ def dataset_statistics(train: Split) -> dict:
     }
 
 
-def prepare_data(cfg: DataConfig, run_dir: str, cache_dir: str, tracker: Tracker | None = None) -> dict:
+def prepare_data(cfg: PrepareDataConfig, out_dir: str, cache_dir: str, tracker: Tracker | None = None) -> dict:
     """Validate the dataset, write the checked split files of every role (train, val, seed, test) and the
     statistics; return the manifest."""
     tracker = tracker or Tracker.null()
@@ -130,7 +130,7 @@ def prepare_data(cfg: DataConfig, run_dir: str, cache_dir: str, tracker: Tracker
             missing = next(i for i in split.ids if i not in split.mask_urls)
             raise DataError(f"{role} split {name!r} needs masks; none for {missing!r} under {cfg.root}")
         splits[role] = split
-        split_urls[role] = fs.join(run_dir, "splits", f"{name}.json")
+        split_urls[role] = fs.join(out_dir, f"{name}.json")
         save_split(split_urls[role], split)
     outside = sorted(set(splits["seed"].ids) - set(splits["train"].ids))
     if outside:
@@ -140,9 +140,9 @@ def prepare_data(cfg: DataConfig, run_dir: str, cache_dir: str, tracker: Tracker
     stats = dataset_statistics(splits["train"])
     stats["splits"] = {role: {"name": s.name, "images": len(s.ids), "with_masks": len(s.mask_urls)}
                        for role, s in splits.items()}
-    stats_url = fs.join(run_dir, STATS)
+    stats_url = fs.join(out_dir, STATS)
     fs.write_text(stats_url, json.dumps(stats, indent=2))
-    tracker.log_params({"data": cfg.model_dump()})
+    tracker.log_params({"prepare_data": cfg.model_dump()})
     tracker.log_metrics({"train_images": stats["train_images"], "val_images": len(splits["val"].ids),
                          **{f"class_count/{k}": v for k, v in stats["class_counts"].items()}})
     tracker.log_dict(stats, "data/dataset_stats.json")

@@ -29,10 +29,12 @@ from storage.datasets.irn import IRNTrainingSet, TopLeftCropSet, ir_label_digest
 from storage.datasets.split_files import load_split_file
 from storage.datasets.voc_layout import Split
 from storage.tracking import Tracker
-from tasks import distributed
-from tasks.common import config_hash, load_backbone_weights, resolve_device, unresolved_cam_weights
-from tasks.distributed import RankBatches, seeded_model
-from tasks.resume import (latest_training_state, loss_summary, rank_states, report_step, restore_rank_state,
+from tasks.engine import distributed
+from tasks.runtime.device import resolve_device
+from tasks.runtime.hashing import config_hash
+from tasks.runtime.weights import load_backbone_weights, unresolved_cam_weights
+from tasks.engine.distributed import RankBatches, seeded_model
+from tasks.engine.resume import (latest_training_state, loss_summary, rank_states, report_step, restore_rank_state,
                           save_training_state)
 
 log = logging.getLogger(__name__)
@@ -149,7 +151,7 @@ def _apply_resume_state(state: dict, model: IRNet, optimizer, scheduler) -> int:
 def train_irn(
     cfg: TrainIrnConfig,
     ir_label_dir: str,
-    split_file: str,
+    split_url: str,
     out_dir: str,
     seed: int,
     device: str = "auto",
@@ -165,7 +167,7 @@ def train_irn(
     records (see tasks/distributed.py).
     """
     tracker = tracker or Tracker.null()
-    split = load_split_file(split_file)
+    split = load_split_file(split_url)
     label_digest = ir_label_digest(ir_label_dir, split.ids)
     cfg_hash = config_hash(cfg, str(seed), ",".join(split.ids), label_digest)
     manifest_url = fs.join(out_dir, MANIFEST)
@@ -181,7 +183,7 @@ def train_irn(
     global_batch = cfg.batch_size * ranks.world_size
     steps_per_epoch = len(split.ids) // global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{split_file}: {len(split.ids)} images, fewer than batch_size={cfg.batch_size} x "
+        raise ValueError(f"{split_url}: {len(split.ids)} images, fewer than batch_size={cfg.batch_size} x "
                          f"{ranks.world_size} process(es)")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     optimizer, scheduler = poly_sgd(model.parameter_groups(), cfg.lr, cfg.displacement_lr_mult, cfg.weight_decay,

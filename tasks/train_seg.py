@@ -27,13 +27,14 @@ from storage.datasets.voc_layout import DataError, Split
 from storage.reports import class_metrics, format_table
 from storage.transforms import SCALE_INTERPOLATIONS, SEG_SCALES, SegScaling
 from storage.tracking import Tracker
-from tasks import distributed
-from tasks.distributed import RankBatches, seeded_model, sync_grads
+from tasks.engine import distributed
+from tasks.engine.distributed import RankBatches, seeded_model, sync_grads
 from tasks.eval_seg import EvalSegConfig, predict_probs, read_target
-from tasks.resume import (LOSS_WINDOW, finished_manifest, latest_training_state, rank_states, restore_rank_state,
+from tasks.engine.resume import (LOSS_WINDOW, finished_manifest, latest_training_state, rank_states, restore_rank_state,
                           report_step, restore_training_state, save_training_state, training_state)
-from tasks.common import (amp_enabled, config_hash, load_backbone_weights, resolve_device,
-                          unresolved_cam_weights)
+from tasks.runtime.device import amp_enabled, resolve_device
+from tasks.runtime.hashing import config_hash
+from tasks.runtime.weights import load_backbone_weights, unresolved_cam_weights
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.skipif(
 def test_two_runs_at_once_stay_apart(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    common = [*TINY, f"run.root={tmp_path / 'runs'}", f"data.root={tmp_path / 'data'}"]
+    common = [*TINY, f"run.root={tmp_path / 'runs'}", f"prepare_data.root={tmp_path / 'data'}"]
     subprocess.run([sys.executable, "-m", "flows.cli", "make-synthetic", "--out", str(tmp_path / "data"),
                     "--num-images", "40", "--min-size", "64", "--max-size", "80"], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)  # both runs read one dataset: generate it before they start

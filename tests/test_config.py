@@ -13,7 +13,7 @@ def test_shipped_configs_parse(name, tmp_path):
     weights = _fake_weights(tmp_path)
     overrides = [] if name == "synthetic" else [f"train_cam.weights={weights}", f"train_seg.weights={weights}"]
     cfg = load_config(str(CONFIGS / f"{name}.yaml"), overrides)
-    assert cfg.data.kind == name
+    assert cfg.prepare_data.kind == name
 
 
 def _fake_weights(tmp_path):
@@ -36,8 +36,8 @@ def test_overrides_are_typed():
     ("train_cam.crop=100", "multiple of 32"),
     ("train_cam.crop=256", "crop 256 is larger than allowed"),
     ("train_cam.backbone=vgg16", "'resnet_mini', 'resnet18', 'resnet34', 'resnet50' or 'resnet101'"),
-    ("pseudo_labels.edge_canvas=100", "edge_canvas must be 0 or a multiple of 16"),
-    ("data.kind=imagenet", "data.kind"),
+    ("make_pseudo_labels.edge_canvas=100", "edge_canvas must be 0 or a multiple of 16"),
+    ("prepare_data.kind=imagenet", "prepare_data.kind"),
     ("run.device=gpu0", "allowed: auto, cpu"),
     ("nonsense", "must look like section.key=value"),
 ])

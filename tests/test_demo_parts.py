@@ -10,7 +10,7 @@ from models.deeplab import DeepLab, msc_cross_entropy
 from models.sfc import SFCNet
 from storage import checkpoints
 from storage.datasets.cam_training import EpochBatchSampler, repeat_factors
-from tasks.common import load_backbone_weights, unresolved_cam_weights
+from tasks.runtime.weights import load_backbone_weights, unresolved_cam_weights
 from tasks.train_seg import TrainSegConfig, build_segmenter
 
 

@@ -23,9 +23,9 @@ from storage.datasets.irn import ir_label_url
 from storage.datasets.split_files import load_split_file
 from storage.images import read_mask, write_mask
 from storage.tracking import Tracker
-from tasks import distributed
-from tasks.distributed import Ranks
-from tasks.resume import restore_rank_state
+from tasks.engine import distributed
+from tasks.engine.distributed import Ranks
+from tasks.engine.resume import restore_rank_state
 from tasks.train_cam import TrainCamConfig, build_model, train_cam
 from tasks.train_irn import TrainIrnConfig, train_irn
 from tasks.train_seg import TrainSegConfig, train_seg

@@ -44,7 +44,7 @@ def setup(tmp_path: Path) -> tuple[Path, Path, list[str]]:
     _fake_voc(root)
     weights = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
-    overrides = [f"data.root={root}", f"run.root={tmp_path / 'runs'}", "run.device=cpu",
+    overrides = [f"prepare_data.root={root}", f"run.root={tmp_path / 'runs'}", "run.device=cpu",
                  *(f"{s}.backbone=resnet18" for s in ("train_cam", "train_irn", "train_seg")),
                  *(f"{s}.weights={weights}" for s in ("train_cam", "train_irn", "train_seg")),
                  "train_cam.batch_size=2", "train_cam.epochs=3", "train_irn.batch_size=4", "train_seg.max_steps=50"]
@@ -101,8 +101,8 @@ def test_bad_weights_and_missing_root(setup, tmp_path):
     torch.save(torchvision.models.resnet34().state_dict(), weights)
     problems = dry_run(cfg, start="train_seg").problems
     assert len(problems) == 1 and problems[0].startswith(f"train_seg.weights: {weights} does not fit resnet18")
-    cfg = load_config(str(REPO / "configs/voc.yaml"), [*overrides, f"data.root={tmp_path / 'nope'}"])
-    assert dry_run(cfg, ["eval_cam"]).problems == [f"data.root: dataset root {tmp_path / 'nope'} does not exist "
+    cfg = load_config(str(REPO / "configs/voc.yaml"), [*overrides, f"prepare_data.root={tmp_path / 'nope'}"])
+    assert dry_run(cfg, ["eval_cam"]).problems == [f"prepare_data.root: dataset root {tmp_path / 'nope'} does not exist "
                                                    "or is not a directory"]
 
 

@@ -11,11 +11,11 @@ from flows.stages import STAGE_NAMES
 from storage import fs
 
 TINY = [
-    "data.synthetic.num_images=40", "data.synthetic.min_size=64", "data.synthetic.max_size=80",
+    "prepare_data.synthetic.num_images=40", "prepare_data.synthetic.min_size=64", "prepare_data.synthetic.max_size=80",
     "train_cam.crop=64", "train_cam.resize_long=[48,80]", "train_cam.batch_size=4", "train_cam.max_steps=3",
     "train_cam.trainable_from=3", "train_cam.num_workers=0", "train_cam.val_max_images=4", "train_cam.log_every=1",
-    "pseudo_labels.method=irn", "ir_labels.workers=1", "train_irn.max_steps=3", "train_irn.batch_size=4",
-    "train_irn.num_workers=0", "train_irn.checkpoint_every=2", "pseudo_labels.exp_times=3", "pseudo_labels.workers=1",
+    "make_pseudo_labels.method=irn", "make_ir_labels.workers=1", "train_irn.max_steps=3", "train_irn.batch_size=4",
+    "train_irn.num_workers=0", "train_irn.checkpoint_every=2", "make_pseudo_labels.exp_times=3", "make_pseudo_labels.workers=1",
     "train_seg.max_steps=3", "train_seg.batch_size=4", "train_seg.crop=64", "train_seg.num_workers=0",
     "train_seg.val_size=80", "eval_seg.test_size=80", "eval_seg.num_workers=0", "eval_seg.crf_workers=1",
     "eval_seg.overlays=2",
@@ -27,7 +27,7 @@ def finished_run(tmp_path_factory, prefect_harness):
     from flows.pipeline import sfc_pipeline
 
     tmp = tmp_path_factory.mktemp("flow")
-    overrides = [*TINY, f"run.root={tmp / 'runs'}", f"data.root={tmp / 'data'}", "run.name=tiny"]
+    overrides = [*TINY, f"run.root={tmp / 'runs'}", f"prepare_data.root={tmp / 'data'}", "run.name=tiny"]
     cfg = load_config("configs/synthetic.yaml", overrides)
     return cfg, sfc_pipeline(cfg.model_dump(mode="json")), overrides
 
@@ -87,9 +87,9 @@ def test_flow_writes_cam_store_and_evaluation(finished_run):
 
     cfg, summary, _ = finished_run
     run_dir = summary["run_dir"]
-    store = CamStore.open(f"{run_dir}/cams.zarr")
+    store = CamStore.open(f"{run_dir}/infer_cams/cams.zarr")
     assert len(store) == summary["stages"]["infer_cams"]["images"] > 0
-    results = json.loads(fs.read_text(f"{run_dir}/metrics/cam_eval.json"))
+    results = json.loads(fs.read_text(f"{run_dir}/eval_cam/cam_eval.json"))
     assert {"P", "K", "K+0.3P", "K+0.7P", "P (reference rule)"} <= set(results["variants"])
     assert len(results["variants"]["K"]["miou"]) == 19
     client = MlflowClient(cfg.tracking_uri())
@@ -119,13 +119,13 @@ def test_flow_runs_refinement_and_segmentation(finished_run):
     cfg, summary, _ = finished_run
     run_dir, stages = summary["run_dir"], summary["stages"]
     train_ids = load_split_file(stages["prepare_data"]["splits"]["train"]).ids
-    for folder in ("ir_labels", "pseudo_labels"):
+    for folder in ("make_ir_labels", "make_pseudo_labels"):
         assert sorted(n for n in fs.listdir(f"{run_dir}/{folder}") if n.endswith(".png")) == \
             sorted(f"{i}.png" for i in train_ids)
     labels = read_mask(f"{run_dir}/pseudo_labels/{train_ids[0]}.png")
     assert labels.dtype.name == "uint8" and set(labels.ravel().tolist()) <= set(range(21)) | {255}
     assert stages["make_pseudo_labels"]["irn_checkpoint"] == stages["train_irn"]["checkpoint"]
-    pseudo = json.loads(fs.read_text(f"{run_dir}/metrics/pseudo_label_eval.json"))
+    pseudo = json.loads(fs.read_text(f"{run_dir}/eval_pseudo_labels/pseudo_label_eval.json"))
     assert 0 <= pseudo["scores"]["miou"] <= 1 and "person" in pseudo["scores"]["per_class"]
     seg = json.loads(fs.read_text(stages["eval_seg"]["results"]))
     assert {"no_crf", "crf"} <= set(seg["val"]) and 0 <= seg["val"]["crf"]["miou"] <= 1

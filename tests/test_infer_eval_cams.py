@@ -16,12 +16,12 @@ from storage.datasets.split_files import load_split_file, save_split
 from storage.datasets.voc_layout import DataError
 from storage.images import read_mask
 from tasks.eval_cam import REFERENCE_RULE, EvalCamConfig, eval_cam
-from tasks.infer_cams import InferCamConfig, infer_cams
-from tasks.shards import parse_shard
+from tasks.infer_cams import InferCamsConfig, infer_cams
+from tasks.engine.shards import parse_shard
 from tests.interrupt import kill_on_call
 from tests.synthetic_splits import synthetic_split_files
 
-CFG = InferCamConfig(scales=(1.0, 0.5), num_workers=0, cpu_streams=2)
+CFG = InferCamsConfig(scales=(1.0, 0.5), num_workers=0, cpu_streams=2)
 
 
 @pytest.fixture(scope="module")

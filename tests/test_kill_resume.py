@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LONGER = ["train_cam.max_steps=6", "train_cam.checkpoint_every=2", "train_irn.max_steps=6",
           "train_irn.checkpoint_every=2", "train_seg.max_steps=6", "train_seg.checkpoint_every=2"]
 KILL_AFTER = [  # the first sign that each long stage is under way
-    "train_cam/checkpoints/step_0000002.pt", "cams.zarr/*/zarr.json", "ir_labels/*.png",
-    "train_irn/checkpoints/step_0000002.pt", "pseudo_labels/*.png", "train_seg/checkpoints/step_0000002.pt",
+    "train_cam/checkpoints/step_0000002.pt", "infer_cams/cams.zarr/*/zarr.json", "make_ir_labels/*.png",
+    "train_irn/checkpoints/step_0000002.pt", "make_pseudo_labels/*.png", "train_seg/checkpoints/step_0000002.pt",
 ]
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(
@@ -62,7 +62,7 @@ def runs(tmp_path_factory, prefect_harness):
     from flows.pipeline import run_pipeline
 
     tmp = tmp_path_factory.mktemp("kill")
-    common = [*TINY, *LONGER, f"run.root={tmp / 'runs'}", f"data.root={tmp / 'data'}"]
+    common = [*TINY, *LONGER, f"run.root={tmp / 'runs'}", f"prepare_data.root={tmp / 'data'}"]
     reference = load_config("configs/synthetic.yaml", [*common, "run.name=straight"])
     run_pipeline(reference)
     killed = load_config("configs/synthetic.yaml", [*common, "run.name=killed"])
@@ -80,12 +80,12 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(runs):
         ours, theirs = _weights(f"{killed.run_dir}/{checkpoint}"), _weights(f"{reference.run_dir}/{checkpoint}")
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), checkpoint
-    assert_same_cam_stores(f"{killed.run_dir}/cams.zarr", f"{reference.run_dir}/cams.zarr")
-    for folder in ("ir_labels", "pseudo_labels"):
+    assert_same_cam_stores(f"{killed.run_dir}/infer_cams/cams.zarr", f"{reference.run_dir}/infer_cams/cams.zarr")
+    for folder in ("make_ir_labels", "make_pseudo_labels"):
         assert_same_label_pngs(f"{killed.run_dir}/{folder}", f"{reference.run_dir}/{folder}")
-    pseudo = [json.loads(fs.read_text(f"{d}/metrics/pseudo_label_eval.json"))["scores"]
+    pseudo = [json.loads(fs.read_text(f"{d}/eval_pseudo_labels/pseudo_label_eval.json"))["scores"]
               for d in (killed.run_dir, reference.run_dir)]
     assert pseudo[0] == pseudo[1]
-    seg = [json.loads(fs.read_text(f"{d}/metrics/seg_eval.json")) for d in (killed.run_dir, reference.run_dir)]
+    seg = [json.loads(fs.read_text(f"{d}/eval_seg/seg_eval.json")) for d in (killed.run_dir, reference.run_dir)]
     assert [s["val"]["crf"] for s in seg] == [seg[1]["val"]["crf"]] * 2
     assert [s["val"]["no_crf"] for s in seg] == [seg[1]["val"]["no_crf"]] * 2

@@ -41,7 +41,7 @@ def s3_run(s3_server, tmp_path_factory, prefect_harness):
 
     local = tmp_path_factory.mktemp("s3-local")
     name = f"on-s3-{uuid.uuid4().hex[:8]}"  # Prefect's cache records of remote runs stay in ./runs: one per session
-    overrides = [*TINY, f"run.root={s3_server}/runs", f"data.root={s3_server}/data", f"run.name={name}",
+    overrides = [*TINY, f"run.root={s3_server}/runs", f"prepare_data.root={s3_server}/data", f"run.name={name}",
                  f"tracking.uri=sqlite:///{local / 'mlflow.db'}"]
     cfg = load_config("configs/synthetic.yaml", overrides)
     return cfg, sfc_pipeline(cfg.model_dump(mode="json"))

@@ -5,7 +5,7 @@ import types
 
 import pytest
 
-from tasks.parallel import parallel_map
+from tasks.engine.parallel import parallel_map
 
 
 def _scaled(factor: int, value: int) -> int:

@@ -7,7 +7,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
-import tasks.ir_label_worker as ir_module
+import tasks.engine.ir_label_worker as ir_module
 from models.ir_labels import ir_label
 from models.irn import IRNet
 from models.metrics import ConfusionMatrix
@@ -16,15 +16,15 @@ from storage.cam_store import CamStore, CamStoreError
 from storage.datasets.split_files import load_split_file, save_split
 from storage.datasets.voc_layout import DataError
 from storage.images import read_mask, read_rgb
-from tasks.eval_pseudo_labels import evaluate_pseudo_labels
-from tasks.label_maps import LabelDirError
-from tasks.make_ir_labels import IrLabelConfig, make_ir_labels
-from tasks.make_pseudo_labels import PseudoLabelConfig, make_pseudo_labels
+from tasks.eval_pseudo_labels import eval_pseudo_labels
+from tasks.engine.label_maps import LabelDirError
+from tasks.make_ir_labels import MakeIrLabelsConfig, make_ir_labels
+from tasks.make_pseudo_labels import MakePseudoLabelsConfig, make_pseudo_labels
 from tests.fake_cams import fake_cam_store
 from tests.interrupt import kill_on_call
 from tests.synthetic_splits import synthetic_split_files
 
-SERIAL = IrLabelConfig(workers=1)
+SERIAL = MakeIrLabelsConfig(workers=1)
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +95,9 @@ def test_full_disk_fails_the_stage_with_the_path_and_leaves_nothing_partial(setu
 def test_labels_of_other_settings_never_mix(setup, tmp_path):
     root, split_url, store_url, split = setup
     make_ir_labels(SERIAL, store_url, split_url, str(tmp_path))
-    assert make_ir_labels(IrLabelConfig(workers=2), store_url, split_url, str(tmp_path))["written"] == 0
+    assert make_ir_labels(MakeIrLabelsConfig(workers=2), store_url, split_url, str(tmp_path))["written"] == 0
     with pytest.raises(LabelDirError, match="differing: config"):
-        make_ir_labels(IrLabelConfig(bg_scale=0.3, workers=1), store_url, split_url, str(tmp_path))
+        make_ir_labels(MakeIrLabelsConfig(bg_scale=0.3, workers=1), store_url, split_url, str(tmp_path))
     retrained = str(tmp_path / "retrained.zarr")
     fake_cam_store(retrained, split, checkpoint_hash="retrained")
     with pytest.raises(LabelDirError, match="differing: cam_store"):
@@ -107,7 +107,7 @@ def test_labels_of_other_settings_never_mix(setup, tmp_path):
 def test_two_workers_write_the_same_labels(setup, tmp_path):
     root, split_url, store_url, split = setup
     make_ir_labels(SERIAL, store_url, split_url, str(tmp_path / "one"))
-    manifest = make_ir_labels(IrLabelConfig(workers=2), store_url, split_url, str(tmp_path / "two"))
+    manifest = make_ir_labels(MakeIrLabelsConfig(workers=2), store_url, split_url, str(tmp_path / "two"))
     assert manifest["written"] == len(split.ids)
     assert _pngs(tmp_path / "one") == _pngs(tmp_path / "two")
     labels = read_mask(str(tmp_path / "two" / f"{split.ids[0]}.png"))
@@ -134,10 +134,10 @@ def test_bad_inputs_name_the_image(setup, tmp_path):
     with pytest.raises(DataError, match=f"image '{split.ids[2]}'.*CAMs"):
         make_ir_labels(SERIAL, wrong, split_url, str(tmp_path / "c"))
     with pytest.raises(DataError, match=f"image '{split.ids[2]}'"):
-        make_pseudo_labels(PseudoLabelConfig(method="none", workers=1), wrong, split_url, str(tmp_path / "d"), "cpu")
+        make_pseudo_labels(MakePseudoLabelsConfig(method="none", workers=1), wrong, split_url, str(tmp_path / "d"), "cpu")
 
     with pytest.raises(ValueError, match="needs the IRN checkpoint"):
-        make_pseudo_labels(PseudoLabelConfig(), store_url, split_url, str(tmp_path / "e"), "cpu")
+        make_pseudo_labels(MakePseudoLabelsConfig(), store_url, split_url, str(tmp_path / "e"), "cpu")
 
 
 @pytest.fixture
@@ -161,8 +161,8 @@ def irn_checkpoint(setup):
 @pytest.mark.parametrize("method,workers", [("none", 1), ("crf", 2), ("irn", 1)])
 def test_every_method_writes_valid_label_pngs(setup, irn_checkpoint, one_torch_thread, tmp_path, method, workers):
     root, split_url, store_url, split = setup
-    cfg = PseudoLabelConfig(method=method, workers=workers)
-    manifest = make_pseudo_labels(cfg, store_url, split_url, str(tmp_path), "cpu", irn_checkpoint=irn_checkpoint)
+    cfg = MakePseudoLabelsConfig(method=method, workers=workers)
+    manifest = make_pseudo_labels(cfg, store_url, split_url, str(tmp_path), "cpu", irn_checkpoint_url=irn_checkpoint)
     assert (manifest["written"], manifest["method"]) == (len(split.ids), method)
     assert len(manifest["settings_digest"]) == 16
     assert manifest["label_fractions"]["ignore"] == 0
@@ -172,7 +172,7 @@ def test_every_method_writes_valid_label_pngs(setup, irn_checkpoint, one_torch_t
         labels = read_mask(str(path))
         assert labels.shape == read_rgb(split.image_url(image_id)).shape[:2]
         assert set(np.unique(labels)) <= {0, *(np.flatnonzero(split.labels[row]) + 1)}
-    again = make_pseudo_labels(cfg, store_url, split_url, str(tmp_path), "cpu", irn_checkpoint=irn_checkpoint)
+    again = make_pseudo_labels(cfg, store_url, split_url, str(tmp_path), "cpu", irn_checkpoint_url=irn_checkpoint)
     assert again["written"] == 0 and again["skipped"] == len(split.ids)
 
 
@@ -186,7 +186,7 @@ def test_evaluation_counts_ignore_as_background(setup, tmp_path):
         mask[:4] = 255  # a band of "ignore" predictions
         Image.fromarray(mask, mode="L").save(labels_dir / f"{image_id}.png")
         expected.update(read_mask(split.mask_url(image_id)), np.where(mask == 255, 0, mask))
-    manifest = evaluate_pseudo_labels(split_url, str(labels_dir), str(tmp_path / "metrics"), overlays=2)
+    manifest = eval_pseudo_labels(split_url, str(labels_dir), str(tmp_path / "metrics"), overlays=2)
     results = json.loads((tmp_path / "metrics" / "pseudo_label_eval.json").read_text())
     assert results["scores"]["miou"] == pytest.approx(expected.scores(split.class_names)["miou"])
     assert manifest["miou"] == results["scores"]["miou"] < 1.0
@@ -198,12 +198,12 @@ def test_evaluation_counts_ignore_as_background(setup, tmp_path):
 
     (labels_dir / f"{split.ids[1]}.png").unlink()
     with pytest.raises(DataError, match=f"no label for image '{split.ids[1]}'"):
-        evaluate_pseudo_labels(split_url, str(labels_dir), str(tmp_path / "metrics"))
+        eval_pseudo_labels(split_url, str(labels_dir), str(tmp_path / "metrics"))
     split.mask_urls.pop(split.ids[0])
     no_masks = str(tmp_path / "nomask.json")
     save_split(no_masks, split)
     with pytest.raises(DataError, match="needs masks"):
-        evaluate_pseudo_labels(no_masks, str(labels_dir), str(tmp_path / "metrics"))
+        eval_pseudo_labels(no_masks, str(labels_dir), str(tmp_path / "metrics"))
 
 
 def _miou(split, label_of) -> float:
@@ -220,7 +220,7 @@ def test_pseudo_labels_are_far_better_than_all_background(setup, tmp_path, metho
     """On CAMs made from the masks, the stage's labels score at least twice what all-background labels score."""
     root, split_url, store_url, _ = setup
     split = load_split_file(split_url)  # the module's split object is changed by another test
-    make_pseudo_labels(PseudoLabelConfig(method=method, workers=1), store_url, split_url, str(tmp_path), "cpu")
+    make_pseudo_labels(MakePseudoLabelsConfig(method=method, workers=1), store_url, split_url, str(tmp_path), "cpu")
     background = _miou(split, lambda image_id, mask: np.zeros_like(mask))
     labels = _miou(split, lambda image_id, mask: read_mask(str(tmp_path / f"{image_id}.png")))
     assert labels >= 2 * background, (labels, background)

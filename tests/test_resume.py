@@ -13,7 +13,7 @@ from flows.stages import STAGE_NAMES, manifest_url, started_url
 from storage import fs
 from storage.cam_store import CamStore
 from storage.digests import damaged_units
-from tasks.shards import partial_dir
+from tasks.engine.shards import partial_dir
 from tests.test_flow import TINY
 
 
@@ -26,7 +26,7 @@ def resumable(tmp_path_factory, prefect_harness):
     from flows.pipeline import sfc_pipeline
 
     tmp = tmp_path_factory.mktemp("resume")
-    overrides = [*TINY, f"run.root={tmp / 'runs'}", f"data.root={tmp / 'data'}", "run.name=again"]
+    overrides = [*TINY, f"run.root={tmp / 'runs'}", f"prepare_data.root={tmp / 'data'}", "run.name=again"]
     cfg = load_config("configs/synthetic.yaml", overrides)
     first = sfc_pipeline(cfg.model_dump(mode="json"))
     return cfg, overrides, first, _finished_times(cfg.run_dir)
@@ -66,7 +66,7 @@ def test_changed_refinement_parameter_reruns_pseudo_labels_and_segmentation(resu
     cfg, overrides, first, _ = resumable
     sfc_pipeline(cfg.model_dump(mode="json"))  # back to the fixture's configuration (other tests change it)
     before = {n: json.loads(fs.read_text(manifest_url(cfg.run_dir, n)))["cache_key"] for n in STAGE_NAMES}
-    changed = load_config("configs/synthetic.yaml", [*overrides, "pseudo_labels.beta=8"])
+    changed = load_config("configs/synthetic.yaml", [*overrides, "make_pseudo_labels.beta=8"])
     later = {"make_pseudo_labels", "eval_pseudo_labels", "train_seg", "eval_seg"}
     assert {s.name for s in run_status(changed) if s.state == "stale"} == later
     result = sfc_pipeline(changed.model_dump(mode="json"))  # the beta-10 labels and model are replaced, not mixed
@@ -81,7 +81,7 @@ def test_missing_outputs_of_a_cached_stage_are_redone(resumable):
     from flows.pipeline import sfc_pipeline
 
     cfg, *_ = resumable
-    results = f"{cfg.run_dir}/metrics/cam_eval.json"
+    results = f"{cfg.run_dir}/eval_cam/cam_eval.json"
     fs.remove(results)
     sfc_pipeline(cfg.model_dump(mode="json"), ["eval_cam"])
     assert fs.exists(results)
@@ -128,16 +128,16 @@ def test_what_a_stage_left_under_other_settings_is_cleared_before_it_runs(resuma
     from flows.pipeline import sfc_pipeline
 
     cfg, overrides, *_ = resumable
-    before = fs.read_text(f"{cfg.run_dir}/metrics/cam_eval.json")
+    before = fs.read_text(f"{cfg.run_dir}/eval_cam/cam_eval.json")
     sharded = load_config("configs/synthetic.yaml", [*overrides, "run.shards=2"])
     fs.remove(manifest_url(cfg.run_dir, "eval_cam"))  # as if it was killed while running under other settings
     fs.write_text(started_url(cfg.run_dir, "eval_cam"), json.dumps({"cache_key": "eval_cam-other"}))
-    stale = f"{partial_dir(f'{cfg.run_dir}/metrics', 'cam_eval')}/0-of-2.pt"
+    stale = f"{partial_dir(f'{cfg.run_dir}/eval_cam', 'cam_eval')}/0-of-2.pt"
     fs.write_bytes(stale, b"not the counts of these settings")
     assert {s.name: s.state for s in run_status(cfg)}["eval_cam"] == "started"
     result = sfc_pipeline(sharded.model_dump(mode="json"), ["eval_cam"])
     assert result["stages"]["eval_cam"]["shards"] == 2
-    assert fs.read_text(f"{cfg.run_dir}/metrics/cam_eval.json") == before
+    assert fs.read_text(f"{cfg.run_dir}/eval_cam/cam_eval.json") == before
     assert not fs.exists(stale) and not fs.exists(started_url(cfg.run_dir, "eval_cam"))
 
 
@@ -194,5 +194,5 @@ def test_unwritable_run_folder_is_a_clear_error(tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the runs folder should be")
     result = CliRunner().invoke(main, ["run", "--config", "configs/synthetic.yaml", *TINY,
-                                       f"run.root={blocker}/runs", f"data.root={tmp_path / 'data'}"])
+                                       f"run.root={blocker}/runs", f"prepare_data.root={tmp_path / 'data'}"])
     assert result.exit_code != 0 and "not-a-folder" in result.output and "Traceback" not in result.output

@@ -6,7 +6,7 @@ import pytest
 
 from flows.config import load_config
 from storage import fs
-from tasks.shards import add_partials, all_shards, empty_partial, merge_counts, partial_dir, save_partial, shard_items
+from tasks.engine.shards import add_partials, all_shards, empty_partial, merge_counts, partial_dir, save_partial, shard_items
 from tests.compare_runs import assert_same_cam_stores, assert_same_label_pngs
 from tests.test_flow import TINY
 
@@ -17,7 +17,7 @@ def runs(tmp_path_factory, prefect_harness):
     from flows.pipeline import run_pipeline
 
     tmp = tmp_path_factory.mktemp("scale")
-    common = [*TINY, f"run.root={tmp / 'runs'}", f"data.root={tmp / 'data'}", "pseudo_labels.method=crf"]
+    common = [*TINY, f"run.root={tmp / 'runs'}", f"prepare_data.root={tmp / 'data'}", "make_pseudo_labels.method=crf"]
     whole = load_config("configs/synthetic.yaml", [*common, "run.name=whole"])
     sharded = load_config("configs/synthetic.yaml", [*common, "run.name=sharded", "run.shards=2",
                                                      "run.task_runner=dask", "run.dask_workers=2"])
@@ -62,12 +62,15 @@ def test_sharded_evaluations_equal_one_pass(runs):
     val_ids = json.loads(fs.read_text(sharded["stages"]["prepare_data"]["splits"]["val"]))["ids"]
     assert json.loads(fs.read_text(seg[1]["results"]))["val"]["images"] == len(val_ids)
     assert fs.read_bytes(seg[0]["archive"]) == fs.read_bytes(seg[1]["archive"])  # the VOC server tar, byte for byte
-    metrics = [f"{r['run_dir']}/metrics" for r in (whole, sharded)]
-    pictures = [sorted(p for p in fs.find(m) if p.endswith(".png")) for m in metrics]
-    assert pictures[0] == pictures[1] and any("overlays/" in p for p in pictures[0])
-    for picture in (p for p in pictures[0] if "overlays/" in p):  # charts name their run's folders in the title
-        assert fs.read_bytes(f"{metrics[0]}/{picture}") == fs.read_bytes(f"{metrics[1]}/{picture}"), picture
-    assert not fs.exists(f"{metrics[1]}/shards/cam_eval")  # the shards' partial states are gone once merged
+    pictures = {stage: [sorted(p for p in fs.find(f"{r['run_dir']}/{stage}") if p.endswith(".png"))
+                        for r in (whole, sharded)] for stage in ("eval_cam", "eval_pseudo_labels", "eval_seg")}
+    assert all(whole_run == sharded_run for whole_run, sharded_run in pictures.values())
+    assert any("overlays/" in p for whole_run, _ in pictures.values() for p in whole_run)
+    for stage, (names, _) in pictures.items():
+        for picture in (p for p in names if "overlays/" in p):  # charts name their run's folders in the title
+            folders = [f"{r['run_dir']}/{stage}" for r in (whole, sharded)]
+            assert fs.read_bytes(f"{folders[0]}/{picture}") == fs.read_bytes(f"{folders[1]}/{picture}"), picture
+        assert not fs.exists(f"{sharded['run_dir']}/{stage}/shards")  # partial states merged
 
 
 def test_a_saved_shard_is_not_recomputed(tmp_path):

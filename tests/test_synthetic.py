@@ -198,9 +198,9 @@ def test_render_samples(small_root, memory_root):
 
 
 def test_prepare_regenerates_a_dataset_made_with_other_parameters(tmp_path):
-    from tasks.prepare_data import DataConfig, ensure_synthetic
+    from tasks.prepare_data import PrepareDataConfig, ensure_synthetic
 
-    cfg = DataConfig(kind="synthetic", root=str(tmp_path / "d"), synthetic={"num_images": 12, "min_size": 32,
+    cfg = PrepareDataConfig(kind="synthetic", root=str(tmp_path / "d"), synthetic={"num_images": 12, "min_size": 32,
                                                                             "max_size": 40})
     ensure_synthetic(cfg)
     marker = tmp_path / "d" / "synthetic.json"

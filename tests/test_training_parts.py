@@ -103,7 +103,7 @@ def test_poly_schedule_and_groups():
 
 def test_corrupted_step_checkpoint_is_set_aside_and_an_older_one_used(tmp_path, caplog):
     from storage import checkpoints
-    from tasks.resume import latest_training_state
+    from tasks.engine.resume import latest_training_state
 
     folder = str(tmp_path / "checkpoints")
     for step in (2, 4):

@@ -8,8 +8,8 @@ from storage import fs
 from storage.datasets.split_files import load_split_file, save_split
 from storage.datasets.voc_layout import DataError, VOCLayoutDataset, list_entry_id
 from storage.images import write_mask, write_rgb
-from tasks.eval_pseudo_labels import evaluate_pseudo_labels
-from tasks.prepare_data import DataConfig, prepare_data
+from tasks.eval_pseudo_labels import eval_pseudo_labels
+from tasks.prepare_data import PrepareDataConfig, prepare_data
 
 
 def _image(root, image_id, size=(20, 24)):
@@ -104,7 +104,7 @@ def test_unknown_class_in_xml_names_the_file(voc):
 
 
 def _prepare(voc, tmp_path, **kw):
-    cfg = DataConfig(kind="voc", root=voc, train_split="train_aug", val_split="val", **kw)
+    cfg = PrepareDataConfig(kind="voc", root=voc, train_split="train_aug", val_split="val", **kw)
     return prepare_data(cfg, str(tmp_path / "run"), str(tmp_path / "cache"))
 
 
@@ -167,5 +167,5 @@ def test_scoring_masks_prefer_segmentation_class(voc, tmp_path):
     labels = str(tmp_path / "labels")
     for image_id in seed.ids:  # labels equal to VOC's masks score 1.0 only against VOC's masks
         fs.write_bytes(f"{labels}/{image_id}.png", fs.read_bytes(f"{voc}/SegmentationClass/{image_id}.png"))
-    result = evaluate_pseudo_labels(manifest["splits"]["seed"], labels, str(tmp_path / "metrics"), overlays=0)
+    result = eval_pseudo_labels(manifest["splits"]["seed"], labels, str(tmp_path / "metrics"), overlays=0)
     assert result["miou"] == pytest.approx(1.0)

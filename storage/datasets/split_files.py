@@ -1,4 +1,4 @@
-"""A validated split written by the data stage (ids, labels, file URLs) and read by every later stage."""
+"""A validated split written by the prepare_data stage (ids, labels, file URLs) and read by every later stage."""
 from __future__ import annotations
 
 import json
@@ -23,7 +23,7 @@ def save_split(url: str, split: Split) -> None:
 
 def load_split_file(url: str) -> Split:
     if not fs.exists(url):
-        raise DataError(f"split file {url} not found (run the data stage first)")
+        raise DataError(f"split file {url} not found (run the prepare_data stage first)")
     try:
         data = json.loads(fs.read_text(url))
         labels = np.zeros((len(data["ids"]), len(data["class_names"]) - 1), dtype=np.float32)

@@ -12,7 +12,7 @@ from PIL import Image
 from models.crf import CrfParams
 from models.pseudo_labels import RandomWalkParams, cam_labels, crf_labels, random_walk_labels
 from storage.datasets.cam_training import normalized_tensor
-from tasks.label_maps import load_image_and_cams, write_labels
+from tasks.engine.label_maps import load_image_and_cams, write_labels
 
 
 @lru_cache(maxsize=1)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from storage import checkpoints, fs
-from tasks.distributed import Ranks
+from tasks.engine.distributed import Ranks
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from storage.cam_store import CamStore, CamStoreError
 from storage.datasets.split_files import load_split_file
 from storage.datasets.voc_layout import DataError, Split
 from storage.images import IGNORE_INDEX, read_rgb, write_mask
-from tasks.parallel import parallel_map
-from tasks.shards import merge_counts, shard_items
+from tasks.engine.parallel import parallel_map
+from tasks.engine.shards import merge_counts, shard_items
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from models.crf import CrfParams
 from models.ir_labels import ir_label
-from tasks.label_maps import load_image_and_cams, write_labels
+from tasks.engine.label_maps import load_image_and_cams, write_labels
 
 
 @dataclass(frozen=True)
