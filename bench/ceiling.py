@@ -28,9 +28,9 @@ os.chdir(ROOT)  # the config's relative paths (data/synthetic) are relative to t
 from flows.config import load_config  # noqa: E402
 from storage import fs  # noqa: E402
 from storage.datasets.split_files import load_split_file  # noqa: E402
-from tasks.runtime.weights import CAM_WEIGHTS  # noqa: E402
 from tasks.eval_seg import RESULTS, eval_seg  # noqa: E402
 from tasks.prepare_data import prepare_data  # noqa: E402
+from tasks.runtime.weights import CAM_WEIGHTS  # noqa: E402
 from tasks.train_seg import train_seg  # noqa: E402
 
 GROUND_TRUTH = "SegmentationClassAug"
@@ -54,9 +54,10 @@ def cam_checkpoint(run_dir: str) -> str:
 
 
 def weak_result(run_dir: str) -> dict:
-    """The run's pseudo-label and segmentation figures (eval_pseudo_labels/ and eval_seg/ of a finished pipeline run)."""
+    """The pseudo-label and segmentation figures of a finished pipeline run (its eval_pseudo_labels/, eval_seg/)."""
     seg = json.loads(fs.read_text(fs.join(run_dir, "eval_seg", RESULTS)))["summary"]
-    labels = json.loads(fs.read_text(fs.join(run_dir, "eval_pseudo_labels", "pseudo_label_eval.json")))["scores"]["miou"]
+    labels_url = fs.join(run_dir, "eval_pseudo_labels", "pseudo_label_eval.json")
+    labels = json.loads(fs.read_text(labels_url))["scores"]["miou"]
     return {"run_dir": run_dir, "pseudo_label_miou": labels, **seg}
 
 

@@ -14,7 +14,7 @@ evaluation does):
   max-pooled to stride 4, divided by its maximum: texture-sensitive).
 
     python bench/refine_quality.py                         # fake CAMs from GT masks on a generated synthetic set
-    python bench/refine_quality.py --store runs/x/infer_cams/cams.zarr --split runs/x/prepare_data/val.json   # a real CAM store
+    python bench/refine_quality.py --store runs/x/infer_cams/cams.zarr --split runs/x/prepare_data/val.json  # real CAMs
 
 Results in bench/results/refine_quality-<name>.json.
 """

@@ -34,7 +34,7 @@ def _stage_list(stages: str | None) -> list[str] | None:
 
 def _run_flow(cfg, stages: str | None, start: str | None) -> None:
     from flows.pipeline import run_pipeline
-    from storage.datasets.voc_layout import DataError
+    from storage.errors import DataError
 
     try:
         summary = run_pipeline(cfg, _stage_list(stages), start)
@@ -148,7 +148,7 @@ def train(stage: str, config: str, overrides: tuple[str, ...]) -> None:
     in the run directory; rank 0 records the stage as done there, so the flow does not train it again."""
     cfg = _load(config, overrides)
     from flows.pipeline import train_stage
-    from storage.datasets.voc_layout import DataError
+    from storage.errors import DataError
     from tasks.engine.distributed import Ranks, cleanup
 
     try:

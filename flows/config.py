@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from storage import fs
+from storage.errors import ConfigError
 from tasks.eval_cam import EvalCamConfig
 from tasks.eval_seg import EvalSegConfig
 from tasks.infer_cams import InferCamsConfig
@@ -29,10 +30,6 @@ RENAMED_SECTIONS = {"data": "prepare_data", "ir_labels": "make_ir_labels", "pseu
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-class ConfigError(ValueError):
-    """An invalid configuration; the message names every offending key."""
 
 
 class RunConfig(BaseModel):

@@ -1,7 +1,7 @@
 """``sfc run --dry-run``: check a configuration's data folder and weights files in seconds, without running a
 stage, and say what the run would do (stages, image counts, training steps, disk for the CAM store).
 
-Images are listed, not decoded (the prepare_data stage decodes them); XML annotations are parsed for the image-level labels;
+Images are listed, not decoded (prepare_data decodes them); XML annotations are parsed for the image-level labels;
 weights files are loaded into the network that will use them. Every problem found is reported, not just the first.
 """
 from __future__ import annotations
@@ -17,10 +17,11 @@ import torch
 from flows.config import PipelineConfig
 from storage import fs
 from storage.datasets.catalog import DEFAULT_CLASSES
-from storage.datasets.voc_layout import MASK_FOLDERS, TRAIN_AUG, DataError, VOCLayoutDataset
+from storage.datasets.voc_layout import MASK_FOLDERS, TRAIN_AUG, VOCLayoutDataset
+from storage.errors import DataError
 from storage.images import BadImageError, image_size
-from tasks.runtime.weights import CAM_WEIGHTS, load_backbone_weights
 from tasks.prepare_data import SYNTHETIC_MARKER
+from tasks.runtime.weights import CAM_WEIGHTS, load_backbone_weights
 
 # Size of the CAM store over its raw float16 payload, Blosc-LZ4 on CAM-like data (bench/cam_store.py: 17.6% of the
 # reference's float32 bytes)

@@ -18,15 +18,23 @@ from pathlib import Path
 
 from prefect import flow, unmapped
 from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.runtime import flow_run
 from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel
-from prefect.runtime import flow_run
 
 from flows.config import PipelineConfig, load_config
 from flows.dry_run import weights_problems
-from flows.stages import (STAGE_BY_NAME, STAGES, Stage, damaged_outputs, failure_url, manifest_url, select_stages,
-                          started_url)
+from flows.stages import (
+    STAGE_BY_NAME,
+    STAGES,
+    Stage,
+    damaged_outputs,
+    failure_url,
+    manifest_url,
+    select_stages,
+    started_url,
+)
 from storage import fs
 from storage.digests import combined_digest, content_digests
 from storage.tracking import Tracker, open_tracker

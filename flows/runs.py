@@ -7,9 +7,10 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-from flows.config import ConfigError, PipelineConfig, default_tracking_uri, load_config
+from flows.config import PipelineConfig, default_tracking_uri, load_config
 from flows.stages import STAGES, damaged_outputs, failure_url, manifest_url, output_paths, started_url
 from storage import fs
+from storage.errors import ConfigError, RunNotFoundError
 
 
 def mlflow_server_command(root: str, port: int) -> tuple[list[str], dict[str, str]]:
@@ -21,10 +22,6 @@ def mlflow_server_command(root: str, port: int) -> tuple[list[str], dict[str, st
 
 
 _MLFLOW_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-class RunNotFoundError(LookupError):
-    """No run directory or MLflow run of that name/id."""
 
 
 def locate_run(run: str, root: str = "runs", tracking_uri: str | None = None) -> PipelineConfig:

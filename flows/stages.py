@@ -13,15 +13,15 @@ from flows.config import PipelineConfig
 from storage import fs
 from storage.digests import damaged_units
 from storage.tracking import Tracker
-from tasks.runtime.weights import CAM_WEIGHTS
+from tasks.engine.label_maps import merge_label_manifests
 from tasks.eval_cam import eval_cam_task, merge_cam_eval
 from tasks.eval_pseudo_labels import eval_pseudo_labels_task, merge_pseudo_label_eval
 from tasks.eval_seg import eval_seg_task, merge_seg_eval
 from tasks.infer_cams import infer_cams_task, merge_infer_manifests
-from tasks.engine.label_maps import merge_label_manifests
 from tasks.make_ir_labels import make_ir_labels_task
 from tasks.make_pseudo_labels import make_pseudo_labels_task
 from tasks.prepare_data import prepare_data_task
+from tasks.runtime.weights import CAM_WEIGHTS
 from tasks.train_cam import train_cam_task
 from tasks.train_irn import TrainIrnConfig, train_irn_task
 from tasks.train_seg import TrainSegConfig, train_seg_task
@@ -91,7 +91,7 @@ def _out(cfg: PipelineConfig, name: str) -> str:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("prepare_data", prepare_data_task, ("data",), (),
+    Stage("prepare_data", prepare_data_task, ("prepare_data",), (),
           lambda cfg, m, t: {"cfg": cfg.prepare_data, "out_dir": _out(cfg, "prepare_data"),
                              "cache_dir": cfg.cache_dir, "tracker": t}, owns=("prepare_data",)),
     Stage("train_cam", train_cam_task, ("train_cam",), ("prepare_data",),

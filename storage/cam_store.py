@@ -42,6 +42,7 @@ from zarr.codecs import BloscCodec, BloscShuffle, ZstdCodec
 from zarr.errors import BaseZarrError, ContainsGroupError
 
 from storage import fs
+from storage.errors import UserError
 
 MARKER = "sfc_cam_store"
 FORMAT_VERSION = 1
@@ -53,7 +54,7 @@ _F16_MAX = float(np.finfo(np.float16).max)
 _NOT_THERE = (BaseZarrError, FileNotFoundError, KeyError, ValueError, TypeError)
 
 
-class CamStoreError(ValueError):
+class CamStoreError(UserError, ValueError):
     """A CAM store or one of its images is missing, incomplete, incompatible or misused."""
 
 

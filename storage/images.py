@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from storage import fs
+from storage.errors import UserError
 
 IGNORE_INDEX = 255
 
@@ -28,7 +29,7 @@ def voc_palette() -> tuple[int, ...]:
     return tuple(palette)
 
 
-class BadImageError(ValueError):
+class BadImageError(UserError, ValueError):
     """An image or mask file that is missing, unreadable or holds invalid values."""
 
 

@@ -15,7 +15,8 @@ from models.metrics import ConfusionMatrix
 from storage import fs
 from storage.cam_store import CamStore
 from storage.datasets.split_files import load_split_with_masks
-from storage.datasets.voc_layout import DataError, Split
+from storage.datasets.voc_layout import Split
+from storage.errors import DataError
 from storage.images import read_mask, read_rgb
 from storage.plots import bar_chart_png, curves_png, overlay_png
 from storage.reports import class_metrics, format_table

@@ -17,7 +17,8 @@ from prefect.cache_policies import NO_CACHE
 from models.metrics import IGNORE_INDEX, ConfusionMatrix
 from storage import fs
 from storage.datasets.split_files import load_split_with_masks
-from storage.datasets.voc_layout import DataError, Split
+from storage.datasets.voc_layout import Split
+from storage.errors import DataError
 from storage.images import read_mask, read_rgb
 from storage.plots import bar_chart_png, overlay_png
 from storage.reports import class_metrics, format_table

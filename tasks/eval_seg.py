@@ -34,14 +34,15 @@ from models.seg_inference import FUSIONS, canvas_probabilities, multiscale_logit
 from storage import checkpoints, fs
 from storage.datasets.segmentation import CanvasSet, collate_canvases
 from storage.datasets.split_files import load_split_file, load_split_with_masks
-from storage.datasets.voc_layout import DataError, Split
+from storage.datasets.voc_layout import Split
+from storage.digests import file_digest
+from storage.errors import DataError
 from storage.images import encode_mask_png, read_mask, read_rgb
 from storage.plots import bar_chart_png, overlay_png
 from storage.reports import class_metrics, format_table
-from storage.digests import file_digest
 from storage.tracking import Tracker
-from tasks.engine.parallel import parallel_map
 from tasks.engine.crf import crf_labels
+from tasks.engine.parallel import parallel_map
 from tasks.engine.shards import empty_partial, merge_partials, save_partial, shard_items
 from tasks.runtime.device import resolve_device
 

@@ -8,8 +8,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.engine.crf import CrfConfig
 from storage.tracking import Tracker
+from tasks.engine.crf import CrfConfig
 from tasks.engine.ir_label_worker import IrLabelJob
 from tasks.engine.label_maps import claim_out_dir, open_inputs, write_all
 
@@ -34,8 +34,9 @@ def make_ir_labels(cfg: MakeIrLabelsConfig, store_url: str, split_url: str, out_
     store) is refused. Returns the manifest (counts, timing, background / foreground / ignore fractions)."""
     tracker = tracker or Tracker.null()
     store, split = open_inputs(store_url, split_url)
-    digest = claim_out_dir(out_dir, {"stage": "make_ir_labels", "config": cfg.model_dump(mode="json", exclude={"workers"}),
-                            "cam_store": [store.config_hash, store.checkpoint_hash]})
+    settings = cfg.model_dump(mode="json", exclude={"workers"})
+    digest = claim_out_dir(out_dir, {"stage": "make_ir_labels", "config": settings,
+                                     "cam_store": [store.config_hash, store.checkpoint_hash]})
     job = IrLabelJob(store_url, out_dir, cfg.proto_weight, cfg.bg_scale, cfg.gt_prob, cfg.crf.params())
     manifest = write_all(job, split, out_dir, cfg.workers, "make_ir_labels", shard)
     manifest["settings_digest"] = digest

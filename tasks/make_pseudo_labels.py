@@ -17,8 +17,8 @@ from models.irn import EDGE_CANVAS, STRIDE
 from models.pseudo_labels import RandomWalkParams
 from storage.digests import file_digest
 from storage.tracking import Tracker
-from tasks.engine.label_maps import claim_out_dir, open_inputs, write_all
 from tasks.engine.crf import CrfConfig
+from tasks.engine.label_maps import claim_out_dir, open_inputs, write_all
 from tasks.engine.parallel import default_workers
 from tasks.engine.pseudo_label_worker import PseudoLabelJob
 from tasks.runtime.device import resolve_device

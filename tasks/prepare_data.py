@@ -16,7 +16,8 @@ from storage import fs
 from storage.datasets.catalog import DATASET_KINDS
 from storage.datasets.split_files import save_split
 from storage.datasets.synthetic import generate_synthetic
-from storage.datasets.voc_layout import DataError, Split, VOCLayoutDataset
+from storage.datasets.voc_layout import Split, VOCLayoutDataset
+from storage.errors import DataError
 from storage.tracking import Tracker
 
 log = logging.getLogger(__name__)

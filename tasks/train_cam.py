@@ -29,11 +29,20 @@ from storage.datasets.voc_layout import Split
 from storage.reports import class_metrics, format_table
 from storage.tracking import Tracker
 from tasks.engine import distributed
+from tasks.engine.distributed import RankBatches, seeded_model
+from tasks.engine.resume import (
+    finished_manifest,
+    latest_training_state,
+    loss_summary,
+    rank_states,
+    report_step,
+    restore_rank_state,
+    restore_training_state,
+    save_training_state,
+    training_state,
+)
 from tasks.runtime.device import amp_enabled, resolve_device
 from tasks.runtime.hashing import config_hash
-from tasks.engine.distributed import RankBatches, seeded_model
-from tasks.engine.resume import (finished_manifest, latest_training_state, loss_summary, rank_states,
-                          restore_rank_state, report_step, restore_training_state, save_training_state, training_state)
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +343,8 @@ def _selection_plan(cfg: TrainCamConfig, seed_split_url: str | None,
     if cfg.selection != "best_gt":
         return None, []
     if not seed_split_url:
-        raise ValueError("train_cam.selection best_gt validates on the seed split (prepare_data.seed_split); none was given")
+        raise ValueError("train_cam.selection best_gt validates on the seed split (prepare_data.seed_split); none "
+                         "was given")
     candidates = selection_steps(total_steps, cfg.validate_every)
     if not candidates:
         raise ValueError(f"train_cam.selection best_gt: no step of {total_steps} is validated with validate_every="

@@ -30,12 +30,18 @@ from storage.datasets.split_files import load_split_file
 from storage.datasets.voc_layout import Split
 from storage.tracking import Tracker
 from tasks.engine import distributed
+from tasks.engine.distributed import RankBatches, seeded_model
+from tasks.engine.resume import (
+    latest_training_state,
+    loss_summary,
+    rank_states,
+    report_step,
+    restore_rank_state,
+    save_training_state,
+)
 from tasks.runtime.device import resolve_device
 from tasks.runtime.hashing import config_hash
 from tasks.runtime.weights import load_backbone_weights, unresolved_cam_weights
-from tasks.engine.distributed import RankBatches, seeded_model
-from tasks.engine.resume import (latest_training_state, loss_summary, rank_states, report_step, restore_rank_state,
-                          save_training_state)
 
 log = logging.getLogger(__name__)
 

@@ -23,15 +23,25 @@ from storage import checkpoints, fs
 from storage.datasets.cam_training import EpochBatchSampler, repeat_factors
 from storage.datasets.segmentation import SegTrainingSet, check_label_maps, pseudo_label_urls
 from storage.datasets.split_files import load_split_file, load_split_with_masks
-from storage.datasets.voc_layout import DataError, Split
+from storage.datasets.voc_layout import Split
+from storage.errors import DataError
 from storage.reports import class_metrics, format_table
-from storage.transforms import SCALE_INTERPOLATIONS, SEG_SCALES, SegScaling
 from storage.tracking import Tracker
+from storage.transforms import SCALE_INTERPOLATIONS, SEG_SCALES, SegScaling
 from tasks.engine import distributed
 from tasks.engine.distributed import RankBatches, seeded_model, sync_grads
+from tasks.engine.resume import (
+    LOSS_WINDOW,
+    finished_manifest,
+    latest_training_state,
+    rank_states,
+    report_step,
+    restore_rank_state,
+    restore_training_state,
+    save_training_state,
+    training_state,
+)
 from tasks.eval_seg import EvalSegConfig, predict_probs, read_target
-from tasks.engine.resume import (LOSS_WINDOW, finished_manifest, latest_training_state, rank_states, restore_rank_state,
-                          report_step, restore_training_state, save_training_state, training_state)
 from tasks.runtime.device import amp_enabled, resolve_device
 from tasks.runtime.hashing import config_hash
 from tasks.runtime.weights import load_backbone_weights, unresolved_cam_weights

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import ConfigError, load_config
+from flows.config import load_config
+from storage.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -102,8 +102,8 @@ def test_bad_weights_and_missing_root(setup, tmp_path):
     problems = dry_run(cfg, start="train_seg").problems
     assert len(problems) == 1 and problems[0].startswith(f"train_seg.weights: {weights} does not fit resnet18")
     cfg = load_config(str(REPO / "configs/voc.yaml"), [*overrides, f"prepare_data.root={tmp_path / 'nope'}"])
-    assert dry_run(cfg, ["eval_cam"]).problems == [f"prepare_data.root: dataset root {tmp_path / 'nope'} does not exist "
-                                                   "or is not a directory"]
+    assert dry_run(cfg, ["eval_cam"]).problems == [f"prepare_data.root: dataset root {tmp_path / 'nope'} does not "
+                                                   "exist or is not a directory"]
 
 
 def test_cli(setup, tmp_path):

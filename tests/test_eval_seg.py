@@ -13,12 +13,13 @@ import tasks.eval_seg as eval_module
 from storage import checkpoints, fs
 from storage.datasets.cam_training import normalized_tensor
 from storage.datasets.split_files import load_split_file, save_split
-from storage.datasets.voc_layout import DataError, Split
+from storage.datasets.voc_layout import Split
+from storage.errors import DataError
 from storage.images import read_mask, read_rgb, write_mask, write_rgb
 from tasks.eval_seg import VOC_RESULTS_DIR, EvalSegConfig, eval_seg
 from tasks.train_seg import TrainSegConfig, train_seg
-from tests.synthetic_splits import synthetic_split_files
 from tests.single_thread import one_torch_thread  # noqa: F401  (autouse fixture)
+from tests.synthetic_splits import synthetic_split_files
 
 FAST = dict(scales=(0.5, 1.0), test_size=80, batch_size=3, num_workers=0, crf_workers=1, overlays=2)
 

@@ -7,8 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.gpu_suite import (BENCHES, BUDGET_S, CUDA_TEST_FILES, CUDA_TESTS_CAP_S, FLOW_CAP_S, bench_argv,
-                             cuda_tests_command, flow_command)
+from bench.gpu_suite import (
+    BENCHES,
+    BUDGET_S,
+    CUDA_TEST_FILES,
+    CUDA_TESTS_CAP_S,
+    FLOW_CAP_S,
+    bench_argv,
+    cuda_tests_command,
+    flow_command,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 WITHOUT_PREFECT = ("import runpy, sys; sys.modules.update(prefect=None, mlflow=None); "

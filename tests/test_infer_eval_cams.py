@@ -13,11 +13,11 @@ from models.sfc import SFCNet
 from storage import checkpoints, fs
 from storage.cam_store import CamStore, CamStoreError
 from storage.datasets.split_files import load_split_file, save_split
-from storage.datasets.voc_layout import DataError
+from storage.errors import DataError
 from storage.images import read_mask
+from tasks.engine.shards import parse_shard
 from tasks.eval_cam import REFERENCE_RULE, EvalCamConfig, eval_cam
 from tasks.infer_cams import InferCamsConfig, infer_cams
-from tasks.engine.shards import parse_shard
 from tests.interrupt import kill_on_call
 from tests.synthetic_splits import synthetic_split_files
 

@@ -8,14 +8,22 @@ import torch
 from PIL import Image
 
 import tasks.train_irn as train_module
-from models.irn import (IRNet, PathIndex, affinity_labels, edge_canvas_size, edge_map, feature_size, irn_losses,
-                        path_affinity)
+from models.irn import (
+    IRNet,
+    PathIndex,
+    affinity_labels,
+    edge_canvas_size,
+    edge_map,
+    feature_size,
+    irn_losses,
+    path_affinity,
+)
+from models.sfc import SFCNet
 from storage import checkpoints, fs
 from storage.datasets.irn import IRNTrainingSet, augment_for_irn, ir_label_url
 from storage.datasets.split_files import load_split_file
-from storage.datasets.voc_layout import DataError
+from storage.errors import DataError
 from storage.images import IGNORE_INDEX, read_mask, write_mask
-from models.sfc import SFCNet
 from tasks.train_irn import TrainIrnConfig, build_model, load_irn, train_irn
 from tests.interrupt import kill_on_call
 from tests.synthetic_splits import synthetic_split_files

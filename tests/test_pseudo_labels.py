@@ -3,8 +3,14 @@ import numpy as np
 import pytest
 import torch
 
-from models.pseudo_labels import (RandomWalkParams, cam_labels, crf_labels, edge_size, random_walk_labels,
-                                  random_walk_scores)
+from models.pseudo_labels import (
+    RandomWalkParams,
+    cam_labels,
+    crf_labels,
+    edge_size,
+    random_walk_labels,
+    random_walk_scores,
+)
 
 
 @pytest.fixture(autouse=True)

@@ -14,10 +14,10 @@ from models.metrics import ConfusionMatrix
 from storage import checkpoints
 from storage.cam_store import CamStore, CamStoreError
 from storage.datasets.split_files import load_split_file, save_split
-from storage.datasets.voc_layout import DataError
+from storage.errors import DataError
 from storage.images import read_mask, read_rgb
-from tasks.eval_pseudo_labels import eval_pseudo_labels
 from tasks.engine.label_maps import LabelDirError
+from tasks.eval_pseudo_labels import eval_pseudo_labels
 from tasks.make_ir_labels import MakeIrLabelsConfig, make_ir_labels
 from tasks.make_pseudo_labels import MakePseudoLabelsConfig, make_pseudo_labels
 from tests.fake_cams import fake_cam_store
@@ -134,7 +134,8 @@ def test_bad_inputs_name_the_image(setup, tmp_path):
     with pytest.raises(DataError, match=f"image '{split.ids[2]}'.*CAMs"):
         make_ir_labels(SERIAL, wrong, split_url, str(tmp_path / "c"))
     with pytest.raises(DataError, match=f"image '{split.ids[2]}'"):
-        make_pseudo_labels(MakePseudoLabelsConfig(method="none", workers=1), wrong, split_url, str(tmp_path / "d"), "cpu")
+        make_pseudo_labels(MakePseudoLabelsConfig(method="none", workers=1), wrong, split_url, str(tmp_path / "d"),
+                           "cpu")
 
     with pytest.raises(ValueError, match="needs the IRN checkpoint"):
         make_pseudo_labels(MakePseudoLabelsConfig(), store_url, split_url, str(tmp_path / "e"), "cpu")

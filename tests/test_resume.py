@@ -8,11 +8,12 @@ from click.testing import CliRunner
 
 from flows.cli import main
 from flows.config import load_config
-from flows.runs import RunNotFoundError, locate_run, run_status
+from flows.runs import locate_run, run_status
 from flows.stages import STAGE_NAMES, manifest_url, started_url
 from storage import fs
 from storage.cam_store import CamStore
 from storage.digests import damaged_units
+from storage.errors import RunNotFoundError
 from tasks.engine.shards import partial_dir
 from tests.test_flow import TINY
 

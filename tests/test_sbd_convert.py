@@ -11,7 +11,8 @@ from scipy.io import savemat
 
 from flows.cli import main
 from storage.datasets.sbd import convert_sbd, read_sbd_mask
-from storage.datasets.voc_layout import DataError, VOCLayoutDataset
+from storage.datasets.voc_layout import VOCLayoutDataset
+from storage.errors import DataError
 from storage.images import read_mask, voc_palette
 
 SBD_TRAIN, SBD_VAL = ["2008_000002", "2008_000003", "2008_000007"], ["2008_000009", "2008_000016"]

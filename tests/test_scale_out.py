@@ -6,9 +6,18 @@ import pytest
 
 from flows.config import load_config
 from storage import fs
-from tasks.engine.shards import add_partials, all_shards, empty_partial, merge_counts, partial_dir, save_partial, shard_items
+from tasks.engine.shards import (
+    add_partials,
+    all_shards,
+    empty_partial,
+    merge_counts,
+    partial_dir,
+    save_partial,
+    shard_items,
+)
 from tests.compare_runs import assert_same_cam_stores, assert_same_label_pngs
 from tests.test_flow import TINY
+
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, prefect_harness):

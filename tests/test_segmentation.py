@@ -11,13 +11,13 @@ import tasks.train_seg as train_module
 from storage import checkpoints, fs
 from storage.datasets.segmentation import CanvasSet, SegTrainingSet, pseudo_label_urls
 from storage.datasets.split_files import load_split_file, save_split
-from storage.datasets.voc_layout import DataError
+from storage.errors import DataError
 from storage.images import read_mask, write_mask
 from storage.transforms import SEG_SCALES, SegScaling, augment_for_segmentation, rescale_pair, resize_linear
 from tasks.train_seg import TrainSegConfig, build_segmenter, train_seg
 from tests.interrupt import kill_on_call
-from tests.synthetic_splits import synthetic_split_files
 from tests.single_thread import one_torch_thread  # noqa: F401  (autouse fixture)
+from tests.synthetic_splits import synthetic_split_files
 
 TINY = dict(backbone="resnet18", norm="batch", crop=48, batch_size=2, iter_size=2, max_steps=4, lr=1e-3,
             num_workers=0, checkpoint_every=2, keep_checkpoints=5, val_every=2, val_size=80, log_every=1)

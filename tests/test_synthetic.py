@@ -10,7 +10,13 @@ import pytest
 from storage import fs
 from storage.datasets.catalog import VOC_CLASSES
 from storage.datasets.synthetic import (
-    COLOURS, SHAPES, SHARED_PARTS, SYNTHETIC_CLASSES, TEXTURES, generate_synthetic, render_samples,
+    COLOURS,
+    SHAPES,
+    SHARED_PARTS,
+    SYNTHETIC_CLASSES,
+    TEXTURES,
+    generate_synthetic,
+    render_samples,
 )
 from storage.datasets.voc_layout import VOCLayoutDataset
 from storage.images import encode_mask_png, read_mask, read_rgb

@@ -6,7 +6,8 @@ import pytest
 
 from storage import fs
 from storage.datasets.split_files import load_split_file, save_split
-from storage.datasets.voc_layout import DataError, VOCLayoutDataset, list_entry_id
+from storage.datasets.voc_layout import VOCLayoutDataset, list_entry_id
+from storage.errors import DataError
 from storage.images import write_mask, write_rgb
 from tasks.eval_pseudo_labels import eval_pseudo_labels
 from tasks.prepare_data import PrepareDataConfig, prepare_data

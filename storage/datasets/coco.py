@@ -54,6 +54,7 @@ from tqdm import tqdm
 
 from storage import fs
 from storage.datasets.catalog import CLASS_NAMES_FILE
+from storage.errors import UserError
 from storage.images import IGNORE_INDEX, write_mask, write_rgb
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ log = logging.getLogger(__name__)
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 
 
-class CocoFormatError(ValueError):
+class CocoFormatError(UserError, ValueError):
     """Bad COCO input; the message names the file and the offending id."""
 
 

@@ -15,7 +15,8 @@ from torch.utils.data import Dataset
 
 from storage import fs
 from storage.datasets.cam_training import Item
-from storage.datasets.voc_layout import DataError, Split
+from storage.datasets.voc_layout import Split
+from storage.errors import DataError
 from storage.images import IGNORE_INDEX, BadImageError, read_mask, read_pil_rgb
 from storage.transforms import normalize, random_crop_pair
 

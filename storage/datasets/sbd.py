@@ -20,7 +20,8 @@ from scipy.io.matlab import MatReadError
 from tqdm import tqdm
 
 from storage import fs
-from storage.datasets.voc_layout import TRAIN_AUG, DataError, read_id_list
+from storage.datasets.voc_layout import TRAIN_AUG, read_id_list
+from storage.errors import DataError
 from storage.images import IGNORE_INDEX, values_outside, write_mask
 
 log = logging.getLogger(__name__)

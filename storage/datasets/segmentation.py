@@ -12,7 +12,8 @@ from torch.utils.data import Dataset
 
 from storage import fs
 from storage.datasets.cam_training import Item, normalized_tensor
-from storage.datasets.voc_layout import DataError, Split
+from storage.datasets.voc_layout import Split
+from storage.errors import DataError
 from storage.images import IGNORE_INDEX, read_mask, read_pil_rgb, values_outside
 from storage.transforms import SegScaling, augment_for_segmentation, fit_long_side
 

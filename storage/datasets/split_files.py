@@ -6,7 +6,8 @@ import json
 import numpy as np
 
 from storage import fs
-from storage.datasets.voc_layout import DataError, Split
+from storage.datasets.voc_layout import Split
+from storage.errors import DataError
 
 
 def save_split(url: str, split: Split) -> None:

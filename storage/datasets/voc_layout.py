@@ -22,6 +22,7 @@ import numpy as np
 
 from storage import fs
 from storage.datasets.catalog import CLASS_NAMES_FILE, DEFAULT_CLASSES
+from storage.errors import DataError
 from storage.images import IGNORE_INDEX, BadImageError, image_size, read_mask, values_outside
 
 log = logging.getLogger(__name__)
@@ -29,10 +30,6 @@ log = logging.getLogger(__name__)
 TRAIN_AUG = "train_aug"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 MASK_FOLDERS = ("SegmentationClass", "SegmentationClassAug")  # an image's mask: the first folder holding it
-
-
-class DataError(ValueError):
-    """Bad dataset content; the message names the offending file or field."""
 
 
 def list_entry_id(line: str) -> str:

@@ -14,7 +14,8 @@ import numpy as np
 from storage import fs
 from storage.cam_store import CamStore, CamStoreError
 from storage.datasets.split_files import load_split_file
-from storage.datasets.voc_layout import DataError, Split
+from storage.datasets.voc_layout import Split
+from storage.errors import DataError, UserError
 from storage.images import IGNORE_INDEX, read_rgb, write_mask
 from tasks.engine.parallel import parallel_map
 from tasks.engine.shards import merge_counts, shard_items
@@ -27,7 +28,7 @@ TMP_MARK = ".png.tmp-"  # fs.atomic_open's temporary siblings of <id>.png
 SETTINGS = "_settings.json"
 
 
-class LabelDirError(ValueError):
+class LabelDirError(UserError, ValueError):
     """A label directory that already holds labels made with other settings."""
 
 
