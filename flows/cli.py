@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
 import sys
+import time
 
 import click
 
@@ -106,15 +110,70 @@ def status(run_name: str, root: str, verify: bool) -> None:
 @click.option("--root", default="runs", show_default=True, help="the runs folder (its mlflow.db)")
 @click.option("--port", default=5000, show_default=True, type=int)
 def ui(root: str, port: int) -> None:
-    """Start the MLflow UI on the runs folder's store (http://127.0.0.1:PORT)."""
-    import subprocess
-
+    """Start the MLflow UI on the runs folder's store (http://127.0.0.1:PORT). Ctrl-C, SIGTERM or SIGHUP stop the
+    server with all its processes."""
+    from flows.config import default_tracking_uri
     from flows.runs import mlflow_server_command
+    from storage.tracking import prepare_store
 
+    uri = default_tracking_uri(root)
+    prepare_store(uri)  # a new store is created under its lock, not by the server racing a starting run
     command, env = mlflow_server_command(root, port)
-    click.echo(f"MLflow UI on http://127.0.0.1:{port} for {command[command.index('--backend-store-uri') + 1]} "
-               "(Ctrl-C stops it)")
-    raise SystemExit(subprocess.call(command, env=env))
+    click.echo(f"MLflow UI on http://127.0.0.1:{port} for {uri} (Ctrl-C stops it)")
+    try:
+        returncode = _serve(command, env)
+    except _Stop as stop:  # end as the signal ends a process, for whoever waits on this one
+        signal.signal(stop.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), stop.signum)
+        raise SystemExit(128 + stop.signum) from None
+    raise SystemExit(returncode if returncode >= 0 else 128 - returncode)
+
+
+class _Stop(Exception):
+    """A stop signal (SIGTERM, SIGINT, SIGHUP) arrived."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _serve(command: list[str], env: dict[str, str], grace: float = 5.0) -> int:
+    """Run ``command`` as the leader of a new session (out of reach of the terminal's signals) until it exits and
+    return its exit status. Its whole process group ends with it (servers fork workers); a stop signal to this
+    process ends the group at once and is raised as ``_Stop``."""
+    def stop(signum: int, _frame: object) -> None:
+        raise _Stop(signum)
+
+    process = subprocess.Popen(command, env=env, start_new_session=True)
+    previous = {signum: signal.signal(signum, stop) for signum in _STOP_SIGNALS}
+    try:
+        return process.wait()
+    finally:
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)  # no second interruption while the group ends
+        _end_group(process, grace)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _end_group(process: subprocess.Popen, grace: float) -> None:
+    """Send SIGTERM to the process group that ``process`` leads and SIGKILL to whatever is left of it after
+    ``grace`` seconds; return once the group is gone (workers may outlive their leader)."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while True:
+        process.poll()  # reaps the leader: a zombie still counts as a member
+        try:
+            os.killpg(process.pid, signal.SIGKILL if time.monotonic() > deadline else 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
 
 
 @main.command("infer-cams")

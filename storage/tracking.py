@@ -2,12 +2,14 @@
 depend on the fluent API's thread-local active run)."""
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -112,16 +114,63 @@ class Tracker:
             self.client.set_terminated(self.run_id, status)
 
 
+def _sqlite_database(tracking_uri: str) -> str | None:
+    """The database file of a ``sqlite:///`` URI; None for other URIs and in-memory SQLite."""
+    if not tracking_uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(tracking_uri).database
+    return None if database in (None, "", ":memory:") else database
+
+
+@contextmanager
+def store_lock(tracking_uri: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``<database>.lock`` next to a SQLite store's database, so that processes starting
+    at once on a new store neither create and migrate its schema twice nor create one experiment twice. Other stores
+    take no lock."""
+    database = _sqlite_database(tracking_uri)
+    if database is None:
+        yield
+        return
+    with open(f"{database}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
+def prepare_store(tracking_uri: str) -> None:
+    """Create (and migrate) the store now, under ``store_lock``, e.g. before a server opens it."""
+    from mlflow.tracking import MlflowClient
+
+    with store_lock(tracking_uri):
+        MlflowClient(tracking_uri=tracking_uri)  # opens the store
+
+
+def _experiment_id(client: Any, name: str, artifact_root: str) -> str:
+    """The id of experiment ``name``, created if missing, also when another process creates it at the same time."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root)
+    except MlflowException as err:
+        found = client.get_experiment_by_name(name)
+        if err.error_code != "RESOURCE_ALREADY_EXISTS" or found is None:
+            raise
+        return found.experiment_id
+
+
 def open_tracker(tracking_uri: str, experiment: str, artifact_root: str, run_name: str,
                  tags: Mapping[str, str] | None = None, resume_on: Mapping[str, str] | None = None) -> Tracker:
     """Create (or reuse) the experiment and start a parent run, or re-enter the parent run whose tags equal
     ``resume_on`` (a resumed pipeline run continues in the same MLflow run)."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(
-        experiment, artifact_location=artifact_root)
+    with store_lock(tracking_uri):  # creating the client opens the store: a new SQLite store is created there
+        client = MlflowClient(tracking_uri=tracking_uri)
+        experiment_id = _experiment_id(client, experiment, artifact_root)
     if resume_on:
         query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in resume_on.items())
         runs = client.search_runs([experiment_id], query, max_results=1)
