@@ -8,24 +8,33 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 
 import click
 
 import flows  # noqa: F401  (environment defaults before prefect/mlflow are imported)
-from flows.config import ConfigError, load_config
+from flows.config import load_config
+from storage.errors import UserError
 
 CONFIG_HELP = "YAML config (path or fsspec URL)"
 
 
-def _load(config: str | None, overrides: tuple[str, ...]):
-    try:
-        return load_config(config, overrides)
-    except ConfigError as err:
-        raise click.ClickException(str(err)) from None
+class _Commands(click.Group):
+    """Errors a user can act on (``UserError``; ``OSError``: a missing input, an unwritable or full location) end a
+    command with their message alone, and with the traceback under ``-v``; any other error keeps its traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (UserError, OSError) as err:
+            if ctx.params.get("verbose"):
+                traceback.print_exc()
+            message = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+            raise click.ClickException(message) from None
 
 
-@click.group()
-@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+@click.group(cls=_Commands)
+@click.option("-v", "--verbose", is_flag=True, help="debug logging, and the traceback of an error")
 def main(verbose: bool) -> None:
     """SFC weakly supervised semantic segmentation pipeline."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
@@ -38,14 +47,8 @@ def _stage_list(stages: str | None) -> list[str] | None:
 
 def _run_flow(cfg, stages: str | None, start: str | None) -> None:
     from flows.pipeline import run_pipeline
-    from storage.errors import DataError
 
-    try:
-        summary = run_pipeline(cfg, _stage_list(stages), start)
-    except (DataError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
-    except OSError as err:  # missing inputs, an unwritable or full output location: the message names the path
-        raise click.ClickException(f"{type(err).__name__}: {err}") from None
+    summary = run_pipeline(cfg, _stage_list(stages), start)
     click.echo(json.dumps({"run_dir": summary["run_dir"], "mlflow_run_id": summary["mlflow_run_id"]}, indent=2))
 
 
@@ -63,7 +66,7 @@ FROM_HELP = "run this stage and every stage after it"
 def run(config: str, stages: str | None, start: str | None, dry_run: bool, overrides: tuple[str, ...]) -> None:
     """Run the pipeline flow. OVERRIDES are dotted assignments such as train_cam.max_steps=100. Stages that
     already finished in this run directory with the same inputs, config and code are not redone."""
-    cfg = _load(config, overrides)
+    cfg = load_config(config, overrides)
     if dry_run:
         from flows.dry_run import dry_run as check
 
@@ -74,12 +77,9 @@ def run(config: str, stages: str | None, start: str | None, dry_run: bool, overr
 
 
 def _locate(run_name: str, root: str):
-    from flows.runs import RunNotFoundError, locate_run
+    from flows.runs import locate_run
 
-    try:
-        return locate_run(run_name, root)
-    except (RunNotFoundError, ConfigError) as err:
-        raise click.ClickException(str(err)) from None
+    return locate_run(run_name, root)
 
 
 @main.command()
@@ -183,17 +183,14 @@ def _end_group(process: subprocess.Popen, grace: float) -> None:
 def infer_cams(config: str, shard: str | None, overrides: tuple[str, ...]) -> None:
     """Run CAM inference of a trained run outside the flow, e.g. one shard per GPU:
     CUDA_VISIBLE_DEVICES=k sfc infer-cams -c CONFIG --shard k/N. The run's data and training stages must be done."""
-    cfg = _load(config, overrides)
+    cfg = load_config(config, overrides)
     from flows.pipeline import stage_inputs
     from flows.stages import STAGE_BY_NAME
     from storage.tracking import Tracker
 
     stage = STAGE_BY_NAME["infer_cams"]
-    try:
-        arguments = stage.arguments(cfg, stage_inputs(cfg, stage), Tracker.null())
-        manifest = stage.task.fn(**arguments, shard=shard)
-    except (FileNotFoundError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
+    arguments = stage.arguments(cfg, stage_inputs(cfg, stage), Tracker.null())
+    manifest = stage.task.fn(**arguments, shard=shard)
     click.echo(json.dumps(manifest, indent=2))
 
 
@@ -205,15 +202,12 @@ def train(stage: str, config: str, overrides: tuple[str, ...]) -> None:
     """Run one training STAGE (train_cam, train_irn, train_seg) outside the flow, data-parallel on N GPUs with
     torchrun --nproc_per_node N -m flows.cli train STAGE -c CONFIG [OVERRIDES]. The stages it needs must be done
     in the run directory; rank 0 records the stage as done there, so the flow does not train it again."""
-    cfg = _load(config, overrides)
+    cfg = load_config(config, overrides)
     from flows.pipeline import train_stage
-    from storage.errors import DataError
     from tasks.engine.distributed import Ranks, cleanup
 
     try:
         manifest = train_stage(cfg, stage)
-    except (DataError, FileNotFoundError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
     finally:
         cleanup()
     if Ranks.from_env().is_main:
@@ -225,7 +219,7 @@ def train(stage: str, config: str, overrides: tuple[str, ...]) -> None:
 @click.argument("overrides", nargs=-1)
 def show_config(config: str, overrides: tuple[str, ...]) -> None:
     """Print the resolved configuration."""
-    click.echo(_load(config, overrides).to_yaml(), nl=False)
+    click.echo(load_config(config, overrides).to_yaml(), nl=False)
 
 
 @main.command("make-synthetic")
@@ -238,10 +232,7 @@ def make_synthetic(out: str, num_images: int, seed: int, min_size: int, max_size
     """Generate the synthetic long-tailed dataset with shared features in VOC layout."""
     from storage.datasets.synthetic import generate_synthetic
 
-    try:
-        summary = generate_synthetic(out, num_images=num_images, seed=seed, min_size=min_size, max_size=max_size)
-    except ValueError as err:
-        raise click.ClickException(str(err)) from None
+    summary = generate_synthetic(out, num_images=num_images, seed=seed, min_size=min_size, max_size=max_size)
     click.echo(json.dumps({k: summary[k] for k in ("num_images", "splits", "images_per_second")}, indent=2))
 
 
@@ -256,10 +247,7 @@ def convert_coco(instances: str, images: str, out: str, split: str, workers: int
     """Convert COCO instance annotations to the VOC-style layout WSSS uses (masks, lists, class names)."""
     from storage.datasets.coco import convert_coco as convert
 
-    try:
-        summary = convert(instances, images, out, split, link_images=not copy_images, workers=workers)
-    except ValueError as err:
-        raise click.ClickException(str(err)) from None
+    summary = convert(instances, images, out, split, link_images=not copy_images, workers=workers)
     click.echo(json.dumps(summary, indent=2))
 
 
@@ -272,10 +260,7 @@ def convert_sbd(sbd: str, voc: str, workers: int) -> None:
     VOC train, minus VOC val)."""
     from storage.datasets.sbd import convert_sbd as convert
 
-    try:
-        summary = convert(sbd, voc, workers=workers)
-    except ValueError as err:
-        raise click.ClickException(str(err)) from None
+    summary = convert(sbd, voc, workers=workers)
     click.echo(json.dumps(summary, indent=2))
 
 

@@ -19,6 +19,7 @@ from tasks.infer_cams import InferCamsConfig
 from tasks.make_ir_labels import MakeIrLabelsConfig
 from tasks.make_pseudo_labels import MakePseudoLabelsConfig
 from tasks.prepare_data import PrepareDataConfig
+from tasks.runtime.context import RunContext
 from tasks.train_cam import TrainCamConfig
 from tasks.train_irn import TrainIrnConfig
 from tasks.train_seg import TrainSegConfig
@@ -99,6 +100,10 @@ class PipelineConfig(BaseModel):
     @property
     def cache_dir(self) -> str:
         return fs.join(self.run.root, "_cache")
+
+    def run_context(self) -> RunContext:
+        """What the stages know of the run beside their own section."""
+        return RunContext(self.run_dir, self.cache_dir, self.run.seed, self.run.device)
 
     @property
     def local_dir(self) -> Path:

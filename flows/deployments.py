@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from flows.stages import STAGE_NAMES
+from storage.errors import ConfigError
 
 PULL_STEP = "prefect.deployments.steps.set_working_directory"
 
@@ -21,7 +22,7 @@ def load_prefect_yaml(path: Path) -> dict[str, Any]:
     """The parsed project file (YAML anchors resolved); a ``ValueError`` if it is not a mapping."""
     tree = yaml.safe_load(path.read_text())
     if not isinstance(tree, dict):
-        raise ValueError(f"{path} is not a YAML mapping")
+        raise ConfigError(f"{path} is not a YAML mapping")
     return tree
 
 

@@ -20,6 +20,7 @@ from storage.datasets.catalog import DEFAULT_CLASSES
 from storage.datasets.voc_layout import MASK_FOLDERS, TRAIN_AUG, VOCLayoutDataset
 from storage.errors import DataError
 from storage.images import BadImageError, image_size
+from tasks.infer_cams import store_url
 from tasks.prepare_data import SYNTHETIC_MARKER
 from tasks.runtime.weights import CAM_WEIGHTS, load_backbone_weights
 
@@ -209,7 +210,7 @@ def _store_estimate(cfg: PipelineConfig, ids: list[str], labels: dict[str, np.nd
     if not per_image:
         return
     raw = report.store_bytes = float(np.mean(per_image)) * len(ids)
-    line = (f"CAM store: {fs.join(cfg.run_dir, 'infer_cams', 'cams.zarr')}: about {_size(raw * STORE_RATIO)} "
+    line = (f"CAM store: {store_url(cfg.run_context())}: about {_size(raw * STORE_RATIO)} "
             f"({_size(raw)} of float16 before compression; from the sizes of {len(per_image)} images)")
     if fs.is_local(cfg.run.root):
         existing = Path(cfg.run.root.removeprefix("file://")).resolve()

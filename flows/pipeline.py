@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,20 +22,12 @@ from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel
 
+from flows import records
 from flows.config import PipelineConfig, load_config
 from flows.dry_run import weights_problems
-from flows.stages import (
-    STAGE_BY_NAME,
-    STAGES,
-    Stage,
-    damaged_outputs,
-    failure_url,
-    manifest_url,
-    select_stages,
-    started_url,
-)
+from flows.stages import STAGE_BY_NAME, STAGES, Stage, check_manifest, check_wiring, select_stages
 from storage import fs
-from storage.digests import combined_digest, content_digests
+from storage.errors import ConfigError
 from storage.tracking import Tracker, open_tracker
 from tasks.engine.distributed import Ranks
 from tasks.engine.shards import all_shards
@@ -86,17 +77,9 @@ def stage_run(parent: Tracker, name: str) -> Iterator[Tracker]:
     child.finish()
 
 
-def load_manifest(run_dir: str, stage: str) -> dict:
-    url = manifest_url(run_dir, stage)
-    if not fs.exists(url):
-        raise FileNotFoundError(f"stage {stage!r} has not finished in {run_dir} ({url} is missing): "
-                                f"run it first or include it in the selected stages")
-    return json.loads(fs.read_text(url))["manifest"]
-
-
 def stage_inputs(cfg: PipelineConfig, stage: Stage) -> dict[str, dict | None]:
     """The manifests of the stages ``stage`` reads, from the run directory (None for a disabled stage)."""
-    return {need: load_manifest(cfg.run_dir, need) if STAGE_BY_NAME[need].enabled(cfg) else None
+    return {need: records.read_manifest(cfg.run_dir, need) if STAGE_BY_NAME[need].enabled(cfg) else None
             for need in stage.needs}
 
 
@@ -109,27 +92,25 @@ def current_record(stage: Stage, cfg: PipelineConfig, key: str) -> dict | None:
     - finished under ``key`` but some outputs are gone or no longer match their recorded content hashes: those
       pieces (a file, one image's CAMs) are removed, and the stage's own resume redoes just them;
     - interrupted under ``key``: its partial outputs stay for the stage's own resume."""
-    record_url, marker_url = manifest_url(cfg.run_dir, stage.name), started_url(cfg.run_dir, stage.name)
-    record = json.loads(fs.read_text(record_url)) if fs.exists(record_url) else None
+    run_dir = cfg.run_dir
+    record = records.read_record(run_dir, stage.name)
     if record is not None and record["cache_key"] == key:
-        damaged = damaged_outputs(record, cfg)
+        damaged = records.damaged_outputs(record, run_dir, cfg.run.verify_outputs)
         if not damaged:
             return record
         log.warning("stage %s: %d finished output(s) are missing or damaged (%s); redoing them", stage.name,
                     len(damaged), ", ".join(damaged[:3]) + (" ..." if len(damaged) > 3 else ""))
         for url in damaged:
             fs.remove(url)
-        fs.remove(record_url)
-    else:
-        started = json.loads(fs.read_text(marker_url))["cache_key"] if fs.exists(marker_url) else None
-        if record is not None or started not in (None, key):
-            for path in stage.owned_paths(cfg):
-                if fs.exists(path):
-                    log.warning("stage %s: settings or inputs changed; removing its previous outputs %s",
-                                stage.name, path)
-                    fs.remove(path)
-            fs.remove(record_url)
-    fs.write_text(marker_url, json.dumps({"stage": stage.name, "cache_key": key, "time": time.time()}))
+        records.remove_record(run_dir, stage.name)
+    elif record is not None or records.started_key(run_dir, stage.name) not in (None, key):
+        for path in stage.owned_paths(cfg):
+            if fs.exists(path):
+                log.warning("stage %s: settings or inputs changed; removing its previous outputs %s", stage.name,
+                            path)
+                fs.remove(path)
+        records.remove_record(run_dir, stage.name)
+    records.mark_started(run_dir, stage.name, key)
     return None
 
 
@@ -181,7 +162,6 @@ def run_stage(stage: Stage, cfg: PipelineConfig, manifests: dict[str, dict], tra
     """Run one stage's task (or take its cached manifest), check its outputs, record its manifest file."""
     key = stage.cache_key(cfg, manifests)
     record = current_record(stage, cfg, key)
-    failed_url = failure_url(cfg.run_dir, stage.name)
     with stage_run(tracker, stage.name) as child:
         arguments = stage.arguments(cfg, manifests, child)
         try:
@@ -193,11 +173,9 @@ def run_stage(stage: Stage, cfg: PipelineConfig, manifests: dict[str, dict], tra
                 checkpoint = manifest["checkpoint"]
                 child.log_bytes(fs.read_bytes(checkpoint), f"model/{checkpoint.rsplit('/', 1)[-1]}")
         except BaseException as err:
-            fs.write_text(failed_url, json.dumps({"stage": stage.name, "error": f"{type(err).__name__}: {err}",
-                                                  "time": time.time()}, indent=2))
+            records.write_failure(cfg.run_dir, stage.name, err)
             raise
-    if fs.exists(failed_url):
-        fs.remove(failed_url)
+    records.clear_failure(cfg.run_dir, stage.name)
     if cached:
         log.info("stage %s: finished before, taken from the cache", stage.name)
         return manifest
@@ -208,14 +186,9 @@ def record_stage(cfg: PipelineConfig, stage: Stage, key: str, manifest: dict, in
     """Write ``manifests/<stage>.json``: the stage finished with this cache key and manifest, and (with
     ``run.verify_outputs``) the content hashes of its own outputs, whose combination joins the manifest as
     ``content_hash``. Returns the manifest as recorded."""
-    record = {"stage": stage.name, "cache_key": key, "finished": time.time()}
-    if cfg.run.verify_outputs:
-        record["outputs"] = content_digests(stage.own_outputs(manifest, inputs, cfg.run_dir))
-        manifest = {**manifest, "content_hash": combined_digest(record["outputs"])}
-    record["manifest"] = manifest
-    fs.write_text(manifest_url(cfg.run_dir, stage.name), json.dumps(record, indent=2, default=str))
-    fs.remove(started_url(cfg.run_dir, stage.name))
-    return manifest
+    check_manifest(stage.name, manifest)
+    own = stage.own_outputs(manifest, inputs, cfg.run_dir) if cfg.run.verify_outputs else None
+    return records.write_record(cfg.run_dir, stage.name, key, manifest, own)
 
 
 def open_run(cfg: PipelineConfig, **tags: str) -> Tracker:
@@ -237,9 +210,9 @@ def train_stage(cfg: PipelineConfig, name: str) -> dict:
     and records it as finished with the flow's cache key, so a resumed pipeline does not redo it."""
     (stage,) = select_stages([name])
     if name not in TRAINING_STAGES:
-        raise ValueError(f"{name} is not a training stage; training stages: {', '.join(TRAINING_STAGES)}")
+        raise ConfigError(f"{name} is not a training stage; training stages: {', '.join(TRAINING_STAGES)}")
     if not stage.enabled(cfg):
-        raise ValueError(f"{name} is not part of this configuration (make_pseudo_labels.method="
+        raise ConfigError(f"{name} is not part of this configuration (make_pseudo_labels.method="
                          f"{cfg.make_pseudo_labels.method})")
     manifests = stage_inputs(cfg, stage)
     ranks = Ranks.from_env()
@@ -278,7 +251,7 @@ def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None, start: st
     of a stage that would run (``ValueError``) or an output location that cannot be written fails here, before any
     server or stage starts, whether the run comes from the CLI or from a deployment."""
     if missing := weights_problems(cfg, stages, start):
-        raise ValueError("\n  ".join(["missing weights:", *missing]))
+        raise ConfigError("\n  ".join(["missing weights:", *missing]))
     fs.makedirs(cfg.run_dir)
     return sfc_pipeline.with_options(task_runner=task_runner(cfg))(cfg.model_dump(mode="json"), stages, start)
 
@@ -290,8 +263,9 @@ def sfc_pipeline(config: dict, stages: list[str] | None = None, start: str | Non
     cfg = PipelineConfig.model_validate(config)
     selected = select_stages(stages, start)
     if stages and (disabled := [s.name for s in selected if not s.enabled(cfg)]):
-        raise ValueError(f"stage(s) {', '.join(disabled)} are not part of this configuration "
+        raise ConfigError(f"stage(s) {', '.join(disabled)} are not part of this configuration "
                          f"(make_pseudo_labels.method={cfg.make_pseudo_labels.method})")
+    check_wiring([s for s in selected if s.enabled(cfg)], cfg)
     run_dir = cfg.run_dir
     tracker = open_run(cfg, prefect_flow_run_id=str(flow_run.get_id()))
     manifests: dict[str, dict | None] = {}
@@ -302,7 +276,7 @@ def sfc_pipeline(config: dict, stages: list[str] | None = None, start: str | Non
             elif stage in selected:
                 manifests[stage.name] = run_stage(stage, cfg, manifests, tracker)
             elif any(stage.name in s.needs for s in selected):
-                manifests[stage.name] = load_manifest(run_dir, stage.name)
+                manifests[stage.name] = records.read_manifest(run_dir, stage.name)
     except BaseException:
         tracker.finish("FAILED")
         raise

@@ -7,8 +7,9 @@ import re
 import sys
 from dataclasses import dataclass, field
 
+from flows import records
 from flows.config import PipelineConfig, default_tracking_uri, load_config
-from flows.stages import STAGES, damaged_outputs, failure_url, manifest_url, output_paths, started_url
+from flows.stages import STAGES
 from storage import fs
 from storage.errors import ConfigError, RunNotFoundError
 
@@ -91,23 +92,20 @@ def run_status(cfg: PipelineConfig, verify: bool = False) -> list[StageStatus]:
             states[stage.name] = "disabled"
             statuses.append(StageStatus(stage.name, "disabled"))
             continue
-        url = manifest_url(cfg.run_dir, stage.name)
-        failed_url = failure_url(cfg.run_dir, stage.name)
+        record = records.read_record(cfg.run_dir, stage.name)
         status = StageStatus(stage.name, "pending")
-        if fs.exists(url):
-            record = json.loads(fs.read_text(url))
+        if record is not None:
             manifests[stage.name] = record["manifest"]
             inputs_done = all(states.get(n) in ("done", "damaged", "disabled") for n in stage.needs)
             fresh = inputs_done and record["cache_key"] == stage.cache_key(cfg, manifests)
             status = StageStatus(stage.name, "done" if fresh else "stale", _figures(record["manifest"]),
-                                 sorted(set(output_paths(record["manifest"], cfg.run_dir))))
-            if verify and (damaged := damaged_outputs(record, cfg)):
+                                 sorted(set(records.output_paths(record["manifest"], cfg.run_dir))))
+            if verify and (damaged := records.damaged_outputs(record, cfg.run_dir, cfg.run.verify_outputs)):
                 status.state, status.damaged = "damaged", damaged
-        elif fs.exists(started_url(cfg.run_dir, stage.name)):
+        elif records.started_key(cfg.run_dir, stage.name) is not None:
             status.state = "started"
-        if fs.exists(failed_url):
-            status.state = "failed"
-            status.error = json.loads(fs.read_text(failed_url))["error"]
+        if (error := records.read_failure(cfg.run_dir, stage.name)) is not None:
+            status.state, status.error = "failed", error
         statuses.append(status)
         states[stage.name] = status.state
     return statuses

@@ -8,6 +8,7 @@ import re
 import torch
 
 from storage import fs
+from storage.errors import CheckpointError
 
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
@@ -31,7 +32,7 @@ def load_with_digest(url: str, weights_only: bool = True) -> tuple[dict, str]:
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
     except Exception as err:  # torch raises many types for corrupt files
-        raise ValueError(f"{url}: not a readable torch checkpoint ({err})") from err
+        raise CheckpointError(f"{url}: not a readable torch checkpoint ({err})") from err
     return state, hashlib.sha256(data).hexdigest()[:16]
 
 
@@ -61,5 +62,5 @@ def load_pretrained(url: str) -> dict[str, torch.Tensor]:
         if isinstance(state.get(key), dict):
             state = state[key]
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{url}: does not hold a state dict of tensors")
+        raise CheckpointError(f"{url}: does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}

@@ -21,3 +21,7 @@ class RunNotFoundError(UserError, LookupError):
 
 class TrainingDivergedError(UserError, FloatingPointError):
     """A training loss or gradient norm became non-finite; the message names the step and the loss terms."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A weights or checkpoint file that cannot be read, or that does not fit the network it is loaded into."""

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from storage.errors import ConfigError
+
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 SEG_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)  # deeplab-pytorch's VOC scale set
@@ -122,7 +124,7 @@ def rescale_pair(image: Image.Image, label: np.ndarray, factor: float, interpola
     if interpolation == "pil_bilinear":
         return normalize(np.asarray(image.resize(size, Image.BILINEAR))), label
     if interpolation != "linear":
-        raise ValueError(f"unknown interpolation {interpolation!r}; allowed: {', '.join(SCALE_INTERPOLATIONS)}")
+        raise ConfigError(f"unknown interpolation {interpolation!r}; allowed: {', '.join(SCALE_INTERPOLATIONS)}")
     return resize_linear(normalize(np.asarray(image)), size[::-1]), label
 
 

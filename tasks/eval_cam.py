@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +23,8 @@ from storage.plots import bar_chart_png, curves_png, overlay_png
 from storage.reports import class_metrics, format_table
 from storage.tracking import Tracker
 from tasks.engine.shards import empty_partial, merge_partials, save_partial, shard_items
+from tasks.runtime.context import RunContext
+from tasks.runtime.manifests import Inputs
 
 log = logging.getLogger(__name__)
 
@@ -135,5 +138,12 @@ def _log_results(results: dict, summary: dict, split_name: str, out_dir: str, ov
         tracker.log_bytes(png, f"cam_eval/{name}")
     tracker.log_dict(summary, "cam_eval/summary.json")
 
+
+def arguments(cfg: EvalCamConfig, run: RunContext, inputs: Inputs) -> dict[str, Any]:
+    """The stage function's arguments in a pipeline run (less the tracker): its config section, its folder in the run
+    directory and what it reads of its inputs' manifests."""
+    return {"cfg": cfg, "store_url": inputs["infer_cams"]["store"],
+            "split_url": inputs["prepare_data"]["splits"]["seed"],
+            "out_dir": run.out_dir("eval_cam")}
 
 eval_cam_task = task(eval_cam, name="eval_cam", cache_policy=NO_CACHE)

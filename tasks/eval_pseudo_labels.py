@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 import numpy as np
 from prefect import task
@@ -25,6 +26,8 @@ from storage.reports import class_metrics, format_table
 from storage.tracking import Tracker
 from tasks.engine.label_maps import label_url
 from tasks.engine.shards import empty_partial, merge_partials, save_partial, shard_items
+from tasks.runtime.context import RunContext
+from tasks.runtime.manifests import Inputs
 
 log = logging.getLogger(__name__)
 
@@ -114,5 +117,12 @@ def _report(split: Split, state: dict, label_dir: str, out_dir: str, tracker: Tr
     return {"results": result_url, "split": split.name, "miou": scores["miou"],
             "confident_miou": confident["miou"] if confident else None}
 
+
+def arguments(cfg: None, run: RunContext, inputs: Inputs) -> dict[str, Any]:
+    """The stage function's arguments in a pipeline run (less the tracker): its config section, its folder in the run
+    directory and what it reads of its inputs' manifests."""
+    return {"split_url": inputs["prepare_data"]["splits"]["seed"],
+            "label_dir": inputs["make_pseudo_labels"]["out_dir"],
+            "out_dir": run.out_dir("eval_pseudo_labels")}
 
 eval_pseudo_labels_task = task(eval_pseudo_labels, name="eval_pseudo_labels", cache_policy=NO_CACHE)

@@ -17,7 +17,7 @@ import logging
 import tarfile
 import time
 from collections.abc import Iterator, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -44,7 +44,9 @@ from storage.tracking import Tracker
 from tasks.engine.crf import crf_labels
 from tasks.engine.parallel import parallel_map
 from tasks.engine.shards import empty_partial, merge_partials, save_partial, shard_items
+from tasks.runtime.context import RunContext
 from tasks.runtime.device import resolve_device
+from tasks.runtime.manifests import Inputs
 
 log = logging.getLogger(__name__)
 
@@ -323,5 +325,12 @@ def _log_results(results: dict, summary: dict, out_dir: str, overlays: dict[str,
         tracker.log_bytes(png, f"eval_seg/{name}")
     tracker.log_dict(summary, "eval_seg/summary.json")
 
+
+def arguments(cfg: EvalSegConfig, run: RunContext, inputs: Inputs) -> dict[str, Any]:
+    """The stage function's arguments in a pipeline run (less the tracker): its config section, its folder in the run
+    directory and what it reads of its inputs' manifests."""
+    splits = inputs["prepare_data"]["splits"]
+    return {"cfg": cfg, "checkpoint_url": inputs["train_seg"]["checkpoint"], "val_split_url": splits["val"],
+            "test_split_url": splits.get("test"), "out_dir": run.out_dir("eval_seg"), "device": run.device}
 
 eval_seg_task = task(eval_seg, name="eval_seg", cache_policy=NO_CACHE)

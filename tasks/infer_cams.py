@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,15 +15,18 @@ from tqdm import tqdm
 
 from models.cam_inference import DEFAULT_SCALES, infer_to_writer, prepare_for_inference
 from models.sfc import SFCNet
-from storage import checkpoints
+from storage import checkpoints, fs
 from storage.cam_store import CamStore
 from storage.datasets.cam_inference import MultiScaleSet
 from storage.datasets.split_files import load_split_file
 from storage.datasets.voc_layout import Split
+from storage.errors import CheckpointError, DataError
 from storage.tracking import Tracker
 from tasks.engine.shards import merge_counts, parse_shard
+from tasks.runtime.context import RunContext
 from tasks.runtime.device import resolve_device
 from tasks.runtime.hashing import config_hash
+from tasks.runtime.manifests import Inputs
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ def union_of_splits(splits: list[Split]) -> Split:
     ids, rows, masks = [], [], {}
     for split in splits:
         if split.class_names != first.class_names:
-            raise ValueError(f"splits {first.name!r} and {split.name!r} have different classes")
+            raise DataError(f"splits {first.name!r} and {split.name!r} have different classes")
         for row, image_id in enumerate(split.ids):
             if image_id not in seen:
                 seen.add(image_id)
@@ -74,16 +78,16 @@ def load_cam_network(checkpoint_url: str, class_names: tuple[str, ...],
     state, digest = checkpoints.load_with_digest(checkpoint_url)
     meta = state.get("meta")
     if not isinstance(meta, dict) or "model" not in state:
-        raise ValueError(f"{checkpoint_url}: not a CAM network checkpoint (no 'model' and 'meta')")
+        raise CheckpointError(f"{checkpoint_url}: not a CAM network checkpoint (no 'model' and 'meta')")
     if tuple(meta["class_names"]) != tuple(class_names):
-        raise ValueError(f"{checkpoint_url} was trained for {len(meta['class_names']) - 1} classes "
+        raise CheckpointError(f"{checkpoint_url} was trained for {len(meta['class_names']) - 1} classes "
                          f"({', '.join(meta['class_names'][1:4])}, ...), the dataset has {len(class_names) - 1}")
     model = SFCNet(len(class_names) - 1, meta["backbone"], meta["trainable_from"], meta["bg_seed_scale"],
                    meta.get("norm", "frozen"))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
-        raise ValueError(f"{checkpoint_url} does not match a {meta['backbone']} SFC network: {err}") from None
+        raise CheckpointError(f"{checkpoint_url} does not match a {meta['backbone']} SFC network: {err}") from None
     return prepare_for_inference(model, device), digest
 
 
@@ -135,5 +139,17 @@ def merge_infer_manifests(manifests: list[dict]) -> dict:
     merged = merge_counts(manifests, ("images", "written"), ("store", "config_hash", "checkpoint_hash"))
     return {**merged, "shard": "0/1"}
 
+
+def store_url(run: RunContext) -> str:
+    """The run's CAM store."""
+    return fs.join(run.out_dir("infer_cams"), "cams.zarr")
+
+
+def arguments(cfg: InferCamsConfig, run: RunContext, inputs: Inputs) -> dict[str, Any]:
+    """The stage function's arguments in a pipeline run (less the tracker): its config section, its folder in the run
+    directory and what it reads of its inputs' manifests."""
+    return {"cfg": cfg, "checkpoint_url": inputs["train_cam"]["checkpoint"],
+            "split_urls": [inputs["prepare_data"]["splits"]["train"]], "store_url": store_url(run),
+            "device": run.device}
 
 infer_cams_task = task(infer_cams, name="infer_cams", cache_policy=NO_CACHE)

@@ -3,6 +3,7 @@ section 7.1), one palette PNG per image (0 background, c foreground, 255 ignore)
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -12,6 +13,8 @@ from storage.tracking import Tracker
 from tasks.engine.crf import CrfConfig
 from tasks.engine.ir_label_worker import IrLabelJob
 from tasks.engine.label_maps import claim_out_dir, open_inputs, write_all
+from tasks.runtime.context import RunContext
+from tasks.runtime.manifests import Inputs
 
 log = logging.getLogger(__name__)
 
@@ -47,5 +50,12 @@ def make_ir_labels(cfg: MakeIrLabelsConfig, store_url: str, split_url: str, out_
                          **{f"fraction/{k}": v for k, v in manifest["label_fractions"].items()}})
     return manifest
 
+
+def arguments(cfg: MakeIrLabelsConfig, run: RunContext, inputs: Inputs) -> dict[str, Any]:
+    """The stage function's arguments in a pipeline run (less the tracker): its config section, its folder in the run
+    directory and what it reads of its inputs' manifests."""
+    return {"cfg": cfg, "store_url": inputs["infer_cams"]["store"],
+            "split_url": inputs["prepare_data"]["splits"]["train"],
+            "out_dir": run.out_dir("make_ir_labels")}
 
 make_ir_labels_task = task(make_ir_labels, name="make_ir_labels", cache_policy=NO_CACHE)

@@ -7,7 +7,7 @@ by a dense CRF), ``none`` the fused CAM's argmax. The IRN network comes from ``t
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -16,12 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from models.irn import EDGE_CANVAS, STRIDE
 from models.pseudo_labels import RandomWalkParams
 from storage.digests import file_digest
+from storage.errors import ConfigError
 from storage.tracking import Tracker
 from tasks.engine.crf import CrfConfig
 from tasks.engine.label_maps import claim_out_dir, open_inputs, write_all
 from tasks.engine.parallel import default_workers
 from tasks.engine.pseudo_label_worker import PseudoLabelJob
+from tasks.runtime.context import RunContext
 from tasks.runtime.device import resolve_device
+from tasks.runtime.manifests import Inputs
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,7 @@ def make_pseudo_labels(cfg: MakePseudoLabelsConfig, store_url: str, split_url: s
     CAM store, IRN weights) is refused. ``irn_checkpoint_url`` (the trained IRN) is required by method ``irn``."""
     tracker = tracker or Tracker.null()
     if cfg.method == "irn" and not irn_checkpoint_url:
-        raise ValueError("pseudo-label method 'irn' needs the IRN checkpoint (irn_checkpoint_url); "
+        raise ConfigError("pseudo-label method 'irn' needs the IRN checkpoint (irn_checkpoint_url); "
                          "use method 'crf' or 'none' without IRN")
     store, split = open_inputs(store_url, split_url)
     digest = claim_out_dir(out_dir, {"stage": "make_pseudo_labels",
@@ -94,5 +97,14 @@ def make_pseudo_labels(cfg: MakePseudoLabelsConfig, store_url: str, split_url: s
                          **{f"fraction/{k}": v for k, v in manifest["label_fractions"].items()}})
     return manifest
 
+
+def arguments(cfg: MakePseudoLabelsConfig, run: RunContext, inputs: Inputs) -> dict[str, Any]:
+    """The stage function's arguments in a pipeline run (less the tracker): its config section, its folder in the run
+    directory and what it reads of its inputs' manifests."""
+    irn = inputs.get("train_irn")
+    return {"cfg": cfg, "store_url": inputs["infer_cams"]["store"],
+            "split_url": inputs["prepare_data"]["splits"]["train"],
+            "out_dir": run.out_dir("make_pseudo_labels"), "device": run.device,
+            "irn_checkpoint_url": irn["checkpoint"] if irn else None}
 
 make_pseudo_labels_task = task(make_pseudo_labels, name="make_pseudo_labels", cache_policy=NO_CACHE)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from prefect import task
@@ -19,6 +19,8 @@ from storage.datasets.synthetic import generate_synthetic
 from storage.datasets.voc_layout import Split, VOCLayoutDataset
 from storage.errors import DataError
 from storage.tracking import Tracker
+from tasks.runtime.context import RunContext
+from tasks.runtime.manifests import Inputs
 
 log = logging.getLogger(__name__)
 
@@ -151,5 +153,10 @@ def prepare_data(cfg: PrepareDataConfig, out_dir: str, cache_dir: str, tracker: 
     return {"stats": stats_url, "splits": split_urls, "class_names": stats["class_names"],
             "class_counts": stats["class_counts"]}
 
+
+def arguments(cfg: PrepareDataConfig, run: RunContext, inputs: Inputs) -> dict[str, Any]:
+    """The stage function's arguments in a pipeline run (less the tracker): its config section, its folder in the run
+    directory and what it reads of its inputs' manifests."""
+    return {"cfg": cfg, "out_dir": run.out_dir("prepare_data"), "cache_dir": run.cache_dir}
 
 prepare_data_task = task(prepare_data, name="prepare_data", cache_policy=NO_CACHE)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +41,10 @@ from tasks.engine.resume import (
     save_training_state,
     training_state,
 )
+from tasks.runtime.context import RunContext
 from tasks.runtime.device import amp_enabled, resolve_device
 from tasks.runtime.hashing import config_hash
+from tasks.runtime.manifests import Inputs
 
 log = logging.getLogger(__name__)
 
@@ -385,5 +387,13 @@ def _validate(model: SFCNet, split: Split, device: torch.device, cfg: TrainCamCo
     fs.write_text(fs.join(out_dir, VAL_SCORES), json.dumps({"step": step, "summary": summary, **results}, indent=2))
     tracker.log_text(format_table(results["cam"]["best"]), f"train_cam/val_cam_step{step}.txt")
 
+
+def arguments(cfg: TrainCamConfig, run: RunContext, inputs: Inputs) -> dict[str, Any]:
+    """The stage function's arguments in a pipeline run (less the tracker): its config section, its folder in the run
+    directory and what it reads of its inputs' manifests."""
+    splits = inputs["prepare_data"]["splits"]
+    return {"cfg": cfg, "train_split_url": splits["train"], "val_split_url": splits["val"],
+            "seed_split_url": splits.get("seed"), "out_dir": run.out_dir("train_cam"), "seed": run.seed,
+            "device": run.device}
 
 train_cam_task = task(train_cam, name="train_cam", cache_policy=NO_CACHE)

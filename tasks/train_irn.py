@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -39,9 +39,11 @@ from tasks.engine.resume import (
     restore_rank_state,
     save_training_state,
 )
+from tasks.runtime.context import RunContext
 from tasks.runtime.device import resolve_device
 from tasks.runtime.hashing import config_hash
-from tasks.runtime.weights import load_backbone_weights, unresolved_cam_weights
+from tasks.runtime.manifests import Inputs
+from tasks.runtime.weights import load_backbone_weights, resolve_cam_weights, unresolved_cam_weights
 
 log = logging.getLogger(__name__)
 
@@ -260,5 +262,12 @@ def train_irn(
     tracker.log_dict(manifest, "train_irn/manifest.json")
     return ranks.broadcast(manifest)
 
+
+def arguments(cfg: TrainIrnConfig, run: RunContext, inputs: Inputs) -> dict[str, Any]:
+    """The stage function's arguments in a pipeline run (less the tracker): its config section, its folder in the run
+    directory and what it reads of its inputs' manifests."""
+    return {"cfg": resolve_cam_weights(cfg, inputs), "ir_label_dir": inputs["make_ir_labels"]["out_dir"],
+            "split_url": inputs["prepare_data"]["splits"]["train"], "out_dir": run.out_dir("train_irn"),
+            "seed": run.seed, "device": run.device}
 
 train_irn_task = task(train_irn, name="train_irn", cache_policy=NO_CACHE)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -42,9 +42,11 @@ from tasks.engine.resume import (
     training_state,
 )
 from tasks.eval_seg import EvalSegConfig, predict_probs, read_target
+from tasks.runtime.context import RunContext
 from tasks.runtime.device import amp_enabled, resolve_device
 from tasks.runtime.hashing import config_hash
-from tasks.runtime.weights import load_backbone_weights, unresolved_cam_weights
+from tasks.runtime.manifests import Inputs
+from tasks.runtime.weights import load_backbone_weights, resolve_cam_weights, unresolved_cam_weights
 
 log = logging.getLogger(__name__)
 
@@ -290,5 +292,13 @@ def _validate(model: torch.nn.Module, split: Split, cfg: TrainSegConfig, device:
     log.info("\n%s", format_table(scores, f"segmentation val at step {step} (single scale, no CRF)"))
     return {"step": step, "miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"]}
 
+
+def arguments(cfg: TrainSegConfig, run: RunContext, inputs: Inputs) -> dict[str, Any]:
+    """The stage function's arguments in a pipeline run (less the tracker): its config section, its folder in the run
+    directory and what it reads of its inputs' manifests."""
+    splits = inputs["prepare_data"]["splits"]
+    return {"cfg": resolve_cam_weights(cfg, inputs), "train_split_url": splits["train"],
+            "pseudo_label_dir": inputs["make_pseudo_labels"]["out_dir"], "val_split_url": splits["val"],
+            "out_dir": run.out_dir("train_seg"), "seed": run.seed, "device": run.device}
 
 train_seg_task = task(train_seg, name="train_seg", cache_policy=NO_CACHE)

@@ -17,7 +17,8 @@ import torch.multiprocessing as mp
 import flows.pipeline
 from flows.cli import main as cli
 from flows.config import load_config
-from flows.stages import STAGES, manifest_url
+from flows.records import manifest_url
+from flows.stages import STAGES
 from storage import checkpoints, fs
 from storage.datasets.irn import ir_label_url
 from storage.datasets.split_files import load_split_file

@@ -37,7 +37,7 @@ def test_flow_writes_run_directory(finished_run):
     cfg, summary, _ = finished_run
     run_dir = summary["run_dir"]
     assert yaml.safe_load(fs.read_text(f"{run_dir}/config.yaml"))["train_cam"]["max_steps"] == 3
-    stats = json.loads(fs.read_text(f"{run_dir}/dataset_stats.json"))
+    stats = json.loads(fs.read_text(f"{run_dir}/prepare_data/dataset_stats.json"))
     assert sum(stats["class_counts"].values()) > 0 and "counts" in stats["distribution_coefficients"]
     assert fs.exists(summary["stages"]["train_cam"]["final_checkpoint"])
 
@@ -123,7 +123,7 @@ def test_flow_runs_refinement_and_segmentation(finished_run):
     for folder in ("make_ir_labels", "make_pseudo_labels"):
         assert sorted(n for n in fs.listdir(f"{run_dir}/{folder}") if n.endswith(".png")) == \
             sorted(f"{i}.png" for i in train_ids)
-    labels = read_mask(f"{run_dir}/pseudo_labels/{train_ids[0]}.png")
+    labels = read_mask(f"{run_dir}/make_pseudo_labels/{train_ids[0]}.png")
     assert labels.dtype.name == "uint8" and set(labels.ravel().tolist()) <= set(range(21)) | {255}
     assert stages["make_pseudo_labels"]["irn_checkpoint"] == stages["train_irn"]["checkpoint"]
     pseudo = json.loads(fs.read_text(f"{run_dir}/eval_pseudo_labels/pseudo_label_eval.json"))

@@ -6,7 +6,8 @@ import uuid
 import pytest
 
 from flows.config import load_config
-from flows.stages import STAGE_NAMES, manifest_url
+from flows.records import manifest_url
+from flows.stages import STAGE_NAMES
 from storage import fs
 from tests.test_flow import TINY
 
@@ -61,7 +62,7 @@ def test_pipeline_writes_every_stage_to_the_object_store(s3_run):
     assert summary["stages"]["infer_cams"]["store"].startswith("s3://") and sorted(store.ids()) == sorted(train_ids)
     keys, P, K = store.load(train_ids[0])
     assert P.shape == K.shape and P.shape[0] == len(keys)
-    labels = [n for n in fs.listdir(f"{run_dir}/pseudo_labels") if n.endswith(".png")]
+    labels = [n for n in fs.listdir(f"{run_dir}/make_pseudo_labels") if n.endswith(".png")]
     assert sorted(labels) == sorted(f"{i}.png" for i in train_ids)
     assert fs.exists(summary["stages"]["train_seg"]["checkpoint"])
     assert json.loads(fs.read_text(summary["stages"]["eval_seg"]["results"]))["val"]["images"] > 0

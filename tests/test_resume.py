@@ -8,8 +8,9 @@ from click.testing import CliRunner
 
 from flows.cli import main
 from flows.config import load_config
+from flows.records import manifest_url, started_url
 from flows.runs import locate_run, run_status
-from flows.stages import STAGE_NAMES, manifest_url, started_url
+from flows.stages import STAGE_NAMES
 from storage import fs
 from storage.cam_store import CamStore
 from storage.digests import damaged_units
@@ -74,7 +75,7 @@ def test_changed_refinement_parameter_reruns_pseudo_labels_and_segmentation(resu
     after = {n: json.loads(fs.read_text(manifest_url(cfg.run_dir, n)))["cache_key"] for n in STAGE_NAMES}
     assert {n for n in STAGE_NAMES if before[n] != after[n]} == later
     assert result["stages"]["train_irn"] == first["stages"]["train_irn"]
-    settings = json.loads(fs.read_text(f"{cfg.run_dir}/pseudo_labels/_settings.json"))
+    settings = json.loads(fs.read_text(f"{cfg.run_dir}/make_pseudo_labels/_settings.json"))
     assert settings["config"]["beta"] == 8
 
 

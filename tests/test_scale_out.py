@@ -109,7 +109,7 @@ def test_partial_states_add_up():
 
 def test_sharded_stage_is_taken_from_its_record_on_rerun(runs):
     from flows.pipeline import run_pipeline
-    from flows.stages import manifest_url
+    from flows.records import manifest_url
 
     _, first, cfg = runs
     before = json.loads(fs.read_text(manifest_url(cfg.run_dir, "make_pseudo_labels")))["finished"]

@@ -9,6 +9,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from storage.datasets.voc_layout import Split
+from storage.errors import ConfigError
 from storage.images import read_mask, read_pil_rgb
 from storage.transforms import augment_for_cam_training, normalize
 
@@ -66,7 +67,7 @@ class EpochBatchSampler(Sampler[list[Item]]):
         self.items = np.repeat(np.arange(num_items), repeats) if repeats is not None else np.arange(num_items)
         num_items = len(self.items)
         if num_items < batch_size:
-            raise ValueError(f"the training split has {num_items} images, fewer than batch_size={batch_size}")
+            raise ConfigError(f"the training split has {num_items} images, fewer than batch_size={batch_size}")
         self.num_items = num_items
         self.batch_size = batch_size
         self.seed = seed

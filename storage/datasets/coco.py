@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from storage import fs
 from storage.datasets.catalog import CLASS_NAMES_FILE
-from storage.errors import UserError
+from storage.errors import ConfigError, UserError
 from storage.images import IGNORE_INDEX, write_mask, write_rgb
 
 log = logging.getLogger(__name__)
@@ -361,9 +361,9 @@ def convert_coco(instances_json: str, images_dir: str, out_root: str, split: str
     JSON is validated before anything is written.
     """
     if not split or "/" in split or any(c.isspace() for c in split):
-        raise ValueError(f"bad split name {split!r}")
+        raise ConfigError(f"bad split name {split!r}")
     if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+        raise ConfigError(f"workers must be >= 1, got {workers}")
     data = _load_json(instances_json)
     names, class_of = _read_categories(instances_json, data)
     images = _read_images(instances_json, data, class_of)

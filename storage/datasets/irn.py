@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from storage import fs
 from storage.datasets.cam_training import Item
 from storage.datasets.voc_layout import Split
-from storage.errors import DataError
+from storage.errors import ConfigError, DataError
 from storage.images import IGNORE_INDEX, BadImageError, read_mask, read_pil_rgb
 from storage.transforms import normalize, random_crop_pair
 
@@ -85,7 +85,7 @@ class IRNTrainingSet(Dataset):
 
     def __init__(self, split: Split, label_dir: str, crop: int, scale_range: tuple[float, float]):
         if crop % LABEL_STRIDE:
-            raise ValueError(f"crop must be a multiple of {LABEL_STRIDE}, got {crop}")
+            raise ConfigError(f"crop must be a multiple of {LABEL_STRIDE}, got {crop}")
         self.split = split
         self.label_dir = label_dir
         self.crop = crop

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from storage import fs
 from storage.datasets.voc_layout import TRAIN_AUG, read_id_list
-from storage.errors import DataError
+from storage.errors import ConfigError, DataError
 from storage.images import IGNORE_INDEX, values_outside, write_mask
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def convert_sbd(sbd_root: str, voc_root: str, workers: int = 4) -> dict:
     """Write ``SegmentationClassAug/<id>.png`` for every SBD train/val id and ``train_aug.txt`` into ``voc_root``
     (a VOC2012 folder with JPEGImages and ImageSets/Segmentation/{train,val}.txt). Returns a summary."""
     if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+        raise ConfigError(f"workers must be >= 1, got {workers}")
     dataset = sbd_dataset_dir(sbd_root)
     sbd_ids = sorted(set(read_id_list(fs.join(dataset, "train.txt"))) | set(read_id_list(fs.join(dataset, "val.txt"))))
     lists = fs.join(voc_root, "ImageSets", "Segmentation")

@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from storage import fs
 from storage.datasets.catalog import CLASS_NAMES_FILE, VOC_CLASSES
+from storage.errors import ConfigError
 from storage.images import encode_mask_png, read_mask, read_rgb, voc_palette, write_rgb
 
 MARKER = "synthetic.json"
@@ -391,23 +392,23 @@ def _annotation_xml(image_id: str, height: int, width: int, objects: list[tuple[
 def _check_arguments(num_images, seed, min_size, max_size, fractions: dict[str, float]) -> None:
     def integer(name: str, value) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
 
     for name, value in (("num_images", num_images), ("seed", seed), ("min_size", min_size), ("max_size", max_size)):
         integer(name, value)
     if num_images < 10:
-        raise ValueError(f"num_images must be at least 10, got {num_images}")
+        raise ConfigError(f"num_images must be at least 10, got {num_images}")
     if seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+        raise ConfigError(f"seed must be a non-negative integer, got {seed}")
     if min_size < 16:
-        raise ValueError(f"min_size must be at least 16, got {min_size}")
+        raise ConfigError(f"min_size must be at least 16, got {min_size}")
     if max_size < min_size:
-        raise ValueError(f"max_size ({max_size}) must be at least min_size ({min_size})")
+        raise ConfigError(f"max_size ({max_size}) must be at least min_size ({min_size})")
     for name, value in fractions.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-            raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+            raise ConfigError(f"{name} must be a number in (0, 1), got {value!r}")
     if fractions["val_fraction"] + fractions["test_fraction"] >= 1:
-        raise ValueError(f"val_fraction + test_fraction must be below 1, got {fractions['val_fraction']} + "
+        raise ConfigError(f"val_fraction + test_fraction must be below 1, got {fractions['val_fraction']} + "
                          f"{fractions['test_fraction']}")
 
 
@@ -416,7 +417,7 @@ def _split_ids(rng: np.random.Generator, ids: list[str], val_fraction: float, te
     n = len(ids)
     n_val, n_test = max(1, round(n * val_fraction)), max(1, round(n * test_fraction))
     if n - n_val - n_test < 1:
-        raise ValueError(f"val_fraction={val_fraction} and test_fraction={test_fraction} leave no train_aug images "
+        raise ConfigError(f"val_fraction={val_fraction} and test_fraction={test_fraction} leave no train_aug images "
                          f"out of num_images={n}")
     perm = rng.permutation(n)
     val = sorted(ids[i] for i in perm[:n_val])
@@ -518,7 +519,7 @@ def render_samples(root: str, out_png: str, n: int = 8) -> None:
     the shared parts; the rest are the first remaining images by id.
     """
     if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
+        raise ConfigError(f"n must be at least 1, got {n}")
     ids = sorted({line.strip() for split in ("train_aug", "val", "test")
                   for line in fs.read_text(fs.join(root, "ImageSets", "Segmentation", f"{split}.txt")).splitlines()
                   if line.strip()})
