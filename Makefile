@@ -21,6 +21,7 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+	$(BIN)/ruff check .
 
 bench: install
 	$(BIN)/python bench/train_step.py

@@ -307,7 +307,7 @@ def main() -> int:
     except CheckError as err:
         result["error"] = str(err)
         log.error("deployment check failed: %s", err)
-    except Exception as err:  # noqa: BLE001 - recorded in the result file, with the traceback in the log
+    except Exception as err:
         result["error"] = f"{type(err).__name__}: {err}"
         log.exception("deployment check failed unexpectedly")
     finally:

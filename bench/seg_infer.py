@@ -76,9 +76,9 @@ def per_scale_loop(model, images: list[torch.Tensor], device: torch.device, layo
                                                           align_corners=False)
             logits = model(torch.cat([scaled, scaled.flip(-1)])).float()
             per_scale.append((logits[:1] + logits[1:].flip(-1)) / 2)
-        size = max((l.shape[2:] for l in per_scale), key=lambda s: s[0] * s[1])
-        fused = torch.stack([F.interpolate(l, size=size, mode="bilinear", align_corners=False)
-                             for l in per_scale]).amax(0)
+        size = max((x.shape[2:] for x in per_scale), key=lambda s: s[0] * s[1])
+        fused = torch.stack([F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+                             for x in per_scale]).amax(0)
         probs = torch.softmax(F.interpolate(fused, size=image.shape[1:], mode="bilinear", align_corners=False), 1)
         out.append(probs[0].argmax(0).to(torch.uint8).cpu().numpy())
     return out
@@ -147,8 +147,8 @@ def main(argv: list[str] | None = None) -> None:
              "batched": lambda subset: batched(model, subset, device, layout, args.canvas, args.batch)}
     results, labels = {}, {}
     for name, run in paths.items():
-        timed(lambda: run(images[:args.batch]), device, amp)  # warm-up
-        labels[name], seconds = timed(lambda: run(images), device, amp)
+        timed(lambda run=run: run(images[:args.batch]), device, amp)  # warm-up
+        labels[name], seconds = timed(lambda run=run: run(images), device, amp)
         results[name] = {"images_per_second": len(images) / seconds, "seconds": seconds}
     agreement = np.mean([np.mean(a == b) for a, b in zip(labels["per_scale_loop"], labels["batched"])])
     speedup = results["batched"]["images_per_second"] / results["per_scale_loop"]["images_per_second"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.util
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 PROJECT_PACKAGES = ("models", "storage", "tasks", "flows")
@@ -50,7 +50,7 @@ def code_tree(path: Path) -> ast.Module:
     return _without_docstrings(ast.parse(path.read_text(), str(path)))
 
 
-@lru_cache(maxsize=None)
+@cache
 def code_version(module: str) -> str:
     """A short hash of the code (syntax trees without docstrings) of ``module`` and of the project modules it
     imports, transitively."""

@@ -37,7 +37,7 @@ def _flow_parameters(entrypoint: str, project_dir: Path) -> tuple[set[str] | Non
         return None, [f"entrypoint file {path} does not exist in {project_dir}"]
     try:
         flow = load_flow_from_entrypoint(f"{project_dir / path}:{function}", use_placeholder_flow=False)
-    except Exception as err:  # noqa: BLE001 - any import failure (or a function that is no flow) is the problem
+    except Exception as err:
         return None, [f"entrypoint {entrypoint!r} does not load: {type(err).__name__}: {err}"]
     return set(inspect.signature(flow.fn).parameters), []
 

@@ -60,7 +60,7 @@ def _is_transient(task, task_run, state) -> bool:
         state.result()
     except TRANSIENT_ERRORS:
         return True
-    except BaseException:  # noqa: BLE001 - any other error is final
+    except BaseException:  # any other error is final
         return False
     return False
 

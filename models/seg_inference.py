@@ -40,8 +40,8 @@ def multiscale_logits(model: nn.Module, canvas: torch.Tensor, scales: Sequence[f
             logits = (logits[:batch] + logits[batch:].flip(-1)) / 2
         per_scale.append(logits)
     size = max((logits.shape[2:] for logits in per_scale), key=lambda s: s[0] * s[1])
-    per_scale = [l if l.shape[2:] == size else F.interpolate(l, size=size, mode="bilinear", align_corners=False)
-                 for l in per_scale]
+    per_scale = [x if x.shape[2:] == size else F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+                 for x in per_scale]
     stacked = torch.stack(per_scale)
     return stacked.amax(dim=0) if fusion == "max" else stacked.mean(dim=0)
 

@@ -33,7 +33,7 @@ def test_two_runs_at_once_stay_apart(tmp_path):
                                    *common, f"run.name={name}", f"train_cam.lr={0.01 if name == 'first' else 0.02}"],
                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in names]
     outputs = [p.communicate(timeout=1500) for p in processes]
-    for process, (out, err) in zip(processes, outputs):
+    for process, (_, err) in zip(processes, outputs):
         assert process.returncode == 0, err.decode()[-3000:]
     summaries = [json.loads(out.decode()[out.decode().index("{"):]) for out, _ in outputs]
     configs = [load_config(f"{tmp_path}/runs/{name}/config.yaml") for name in names]

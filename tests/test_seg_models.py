@@ -110,8 +110,8 @@ def test_batched_multiscale_flip_inference_matches_a_per_image_loop():
                                                              align_corners=False)
                 per_scale.append((model(x) + model(x.flip(-1)).flip(-1)) / 2)
             size = per_scale[-1].shape[2:]
-            fused = torch.stack([F.interpolate(l, size=size, mode="bilinear", align_corners=False)
-                                 for l in per_scale]).amax(0)
+            fused = torch.stack([F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+                                 for x in per_scale]).amax(0)
             assert torch.allclose(batched[index:index + 1], fused, atol=1e-4)
     mean = multiscale_logits(model, canvas, scales, flip=False, fusion="mean")
     assert mean.shape == batched.shape
