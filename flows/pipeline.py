@@ -197,7 +197,7 @@ def open_run(cfg: PipelineConfig, **tags: str) -> Tracker:
     fs.write_text(fs.join(cfg.run_dir, "config.yaml"), cfg.to_yaml())
     tracker = open_tracker(cfg.tracking_uri(), cfg.tracking.experiment, cfg.artifact_root(), cfg.run.name,
                            {"git_commit": git_commit(), **tags},
-                           resume_on={"run_dir": cfg.run_dir, "config_hash": cfg.digest()})
+                           resume_on={"run_dir": cfg.run_dir, "config_digest": cfg.digest()})
     if not tracker.resumed:
         tracker.log_params(cfg.model_dump(mode="json"))
         tracker.log_text(cfg.to_yaml(), "config.yaml")
@@ -214,6 +214,7 @@ def train_stage(cfg: PipelineConfig, name: str) -> dict:
     if not stage.enabled(cfg):
         raise ConfigError(f"{name} is not part of this configuration (make_pseudo_labels.method="
                          f"{cfg.make_pseudo_labels.method})")
+    check_wiring([stage], cfg)
     manifests = stage_inputs(cfg, stage)
     ranks = Ranks.from_env()
     if not ranks.is_main:

@@ -55,3 +55,18 @@ def test_missing_and_malformed_config_files(tmp_path):
     bad.write_text("run: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(str(bad))
+
+
+def test_renamed_sections_still_load_with_a_warning(tmp_path, caplog):
+    old = tmp_path / "old.yaml"
+    old.write_text("data:\n  kind: synthetic\n  root: somewhere\npseudo_labels:\n  method: irn\n"
+                   "ir_labels:\n  workers: 1\n")
+    cfg = load_config(str(old), ["pseudo_labels.beta=8"])
+    assert cfg.prepare_data.root == "somewhere" and cfg.make_ir_labels.workers == 1
+    assert cfg.make_pseudo_labels.method == "irn" and cfg.make_pseudo_labels.beta == 8
+    deprecated = {r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()}
+    assert any("'data' is deprecated; call it 'prepare_data'" in m for m in deprecated)
+    assert any("'pseudo_labels' is deprecated; call it 'make_pseudo_labels'" in m for m in deprecated)
+    old.write_text("data:\n  kind: synthetic\nprepare_data:\n  kind: synthetic\n")
+    with pytest.raises(ConfigError, match="sections 'data' and 'prepare_data' are the same"):
+        load_config(str(old))

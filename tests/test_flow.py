@@ -49,7 +49,7 @@ def test_flow_is_tracked_in_mlflow(finished_run):
     client = MlflowClient(cfg.tracking_uri())
     parent = client.get_run(summary["mlflow_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.params["train_cam.max_steps"] == "3"
-    assert parent.data.tags["prefect_flow_run_id"] and parent.data.tags["config_hash"] == cfg.digest()
+    assert parent.data.tags["prefect_flow_run_id"] and parent.data.tags["config_digest"] == cfg.digest()
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_stage = {run.data.tags["sfc.stage"]: run for run in children}
