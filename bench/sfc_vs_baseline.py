@@ -4,8 +4,10 @@ Trains both methods with the same config and budget (only ``train_cam.method`` d
 inference and the CAM evaluation on the val split for each, and compares per-class IoU grouped by training-split
 frequency N_c:
 
-    .venv/bin/python bench/sfc_vs_baseline.py                       # the demo budget: 300 steps, seed 10
+    .venv/bin/python bench/sfc_vs_baseline.py                       # 300 steps (an earlier demo budget), seed 10
     .venv/bin/python bench/sfc_vs_baseline.py --steps 600 --seed 11 --tag s600-seed11
+    .venv/bin/python bench/sfc_vs_baseline.py --steps 1500 --seed 10 --eval-dataset 1:1200 \
+        --eval-splits train_aug val test --tag demo-seed10          # the demo's budget (docs/sfc_vs_baseline.md)
 
 The plain stage functions are called directly (no Prefect, no MLflow). Everything a run produces lives under
 ``--workdir`` (default runs/bench-sfc-vs-baseline/): one sub-folder per (method, steps, seed, config hash), so a

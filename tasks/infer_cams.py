@@ -1,4 +1,4 @@
-"""Stage 2a: multi-scale + flip CAM inference of the trained network into the run's Zarr CAM store."""
+"""Multi-scale + flip CAM inference of the trained network into the run's Zarr CAM store."""
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,4 @@
-"""Stage 3a: confident inter-pixel-relation (IR) labels from the stored CAMs with two dense CRFs (docs/method.md
+"""Confident inter-pixel-relation (IR) labels from the stored CAMs with two dense CRFs (docs/method.md
 section 7.1), one palette PNG per image (0 background, c foreground, 255 ignore), the training labels of IRN."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage 3c: pseudo labels for the segmenter from the stored CAMs, one VOC-palette PNG per image.
+"""Pseudo labels for the segmenter from the stored CAMs, one VOC-palette PNG per image.
 
 Methods (``method``): ``irn`` random walk on the boundary map of the trained IRN (the reference's VOC path,
 docs/method.md section 7.3), ``crf`` dense CRF on the fused CAM's label map (the reference's COCO path replaces IRN

@@ -1,4 +1,4 @@
-"""Stage 0: dataset preparation and validation, and the statistics later stages need (N_c, coefficients)."""
+"""Dataset preparation and validation, and the statistics later stages need (N_c, coefficients)."""
 from __future__ import annotations
 
 import hashlib
