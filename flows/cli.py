@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ import click
 
 import flows  # noqa: F401  (environment defaults before prefect/mlflow are imported)
 from flows.config import load_config
-from storage.errors import UserError
+from storage.errors import ConfigError, UserError
 
 CONFIG_HELP = "YAML config (path or fsspec URL)"
 
@@ -116,6 +117,7 @@ def ui(root: str, port: int) -> None:
     from flows.runs import mlflow_server_command
     from storage.tracking import prepare_store
 
+    _check_port_free(port)
     uri = default_tracking_uri(root)
     prepare_store(uri)  # a new store is created under its lock, not by the server racing a starting run
     command, env = mlflow_server_command(root, port)
@@ -127,6 +129,15 @@ def ui(root: str, port: int) -> None:
         os.kill(os.getpid(), stop.signum)
         raise SystemExit(128 + stop.signum) from None
     raise SystemExit(returncode if returncode >= 0 else 128 - returncode)
+
+
+def _check_port_free(port: int) -> None:
+    """The MLflow server exits quietly (status 0) when its port is taken: say so first."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise ConfigError(f"port {port} on 127.0.0.1 is in use; choose another with --port") from None
 
 
 class _Stop(Exception):

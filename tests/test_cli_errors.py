@@ -32,3 +32,14 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(flows.cli, "load_config", broken)
     result = CliRunner().invoke(main, ["show-config"])
     assert result.exit_code == 1 and isinstance(result.exception, ValueError)
+
+
+def test_ui_on_a_busy_port_says_so():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = CliRunner().invoke(main, ["ui", "--port", str(port)])
+    assert result.exit_code == 1 and f"port {port} on 127.0.0.1 is in use" in result.output
