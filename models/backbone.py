@@ -12,6 +12,7 @@ from torchvision.models import resnet
 BACKBONES = ("resnet_mini", "resnet18", "resnet34", "resnet50", "resnet101")
 MINI_WIDTHS = (32, 64, 128, 128)  # stage1..stage4 of resnet_mini: one BasicBlock each
 NORMS = ("frozen", "batch")
+_BLOCKS = (resnet.BasicBlock, resnet.Bottleneck)  # the residual blocks of torchvision's ResNets
 
 
 class FrozenBatchNorm2d(nn.BatchNorm2d):
@@ -69,7 +70,7 @@ class ResNetBackbone(nn.Module):
             stage.requires_grad_(False)
 
     @property
-    def stages(self) -> list[nn.Module]:
+    def stages(self) -> list[nn.Sequential]:
         return [self.stage0, self.stage1, self.stage2, self.stage3, self.stage4]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -128,6 +129,7 @@ def resnet_mini(norm_layer: type[nn.Module] = nn.BatchNorm2d) -> resnet.ResNet:
 def block_out_channels(layer: nn.Sequential) -> int:
     """Output channels of a ResNet stage (its last block's last BatchNorm)."""
     last = layer[-1]
+    assert isinstance(last, _BLOCKS), last
     return (last.bn3 if isinstance(last, resnet.Bottleneck) else last.bn2).num_features
 
 
@@ -142,6 +144,7 @@ def fold_batchnorm(backbone: ResNetBackbone) -> ResNetBackbone:
     fold_pair(backbone.stage0, "0", "1")
     for stage in backbone.stages[1:]:
         for block in stage:
+            assert isinstance(block, _BLOCKS), block
             for index in (1, 2, 3):
                 if hasattr(block, f"bn{index}"):
                     fold_pair(block, f"conv{index}", f"bn{index}")
@@ -152,6 +155,7 @@ def fold_batchnorm(backbone: ResNetBackbone) -> ResNetBackbone:
 
 def _set_last_stage_stride_one(layer: nn.Sequential) -> None:
     block = layer[0]
+    assert isinstance(block, _BLOCKS), block
     strided = block.conv2 if isinstance(block, resnet.Bottleneck) else block.conv1
     strided.stride = (1, 1)
     if block.downsample is not None:

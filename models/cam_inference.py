@@ -5,6 +5,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import reduce
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ CamWriter = Callable[[str, np.ndarray, np.ndarray, np.ndarray], None]
 def fuse_scales(maps: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
     """Upsample per-scale (1 + C, h, w) maps to ``size`` (bilinear), sum, max-normalise each channel, and apply
     the background trick: background + 0.4, foreground x 2."""
-    total = sum(F.interpolate(m[None], size, mode="bilinear", align_corners=False)[0] for m in maps)
+    total = reduce(torch.add, (F.interpolate(m[None], size, mode="bilinear", align_corners=False)[0] for m in maps))
     total = total / (total.flatten(1).max(dim=1)[0][:, None, None] + 1e-5)
     return total + F.pad(total[1:], (0, 0, 0, 0, 1, 0), value=BACKGROUND_OFFSET)
 

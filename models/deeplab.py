@@ -41,11 +41,12 @@ class ASPPv2(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int] = V2_RATES):
         super().__init__()
-        self.branches = nn.ModuleList(
-            nn.Conv2d(in_channels, num_classes, 3, padding=rate, dilation=rate) for rate in rates)
-        for conv in self.branches:
+        convs = [nn.Conv2d(in_channels, num_classes, 3, padding=rate, dilation=rate) for rate in rates]
+        for conv in convs:
             nn.init.normal_(conv.weight, std=0.01)
+            assert conv.bias is not None
             nn.init.zeros_(conv.bias)
+        self.branches = nn.ModuleList(convs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sum(branch(x) for branch in self.branches)

@@ -49,9 +49,10 @@ class ImageBank:
         order = torch.randperm(images.shape[0], generator=self.generator)
         images, valid, labels = images[order], valid[order], labels[order]
         self.update(images, valid, labels)
-        extra = self.sample()
+        bank_images, bank_valid, bank_labels = self.sample()
         device = images.device
-        return tuple(torch.cat([a, b.to(device)]) for a, b in zip((images, valid, labels), extra))
+        return (torch.cat([images, bank_images.to(device)]), torch.cat([valid, bank_valid.to(device)]),
+                torch.cat([labels, bank_labels.to(device)]))
 
     def state_dict(self) -> dict:
         return {"images": self.images, "valid": self.valid, "labels": self.labels, "filled": self.filled,

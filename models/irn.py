@@ -36,6 +36,8 @@ def _head(c_in: int, c_out: int, groups: int, upsample: int = 1) -> nn.Sequentia
 class MeanShift(nn.Module):
     """Holds the mean displacement of the training images; subtracted from the output in eval mode only."""
 
+    running_mean: torch.Tensor
+
     def __init__(self, channels: int = 2):
         super().__init__()
         self.register_buffer("running_mean", torch.zeros(channels))
@@ -57,7 +59,9 @@ class IRNet(nn.Module):
         super().__init__()
         self.backbone = ResNetBackbone(backbone, trainable_from=4, norm="frozen")
         self.backbone.requires_grad_(False)
-        c0 = self.backbone.stage0[0].out_channels
+        stem = self.backbone.stage0[0]
+        assert isinstance(stem, nn.Conv2d), stem
+        c0 = stem.out_channels
         c1, c2, c3, c4 = self.backbone.channels.as_tuple()
         self.edge_heads = nn.ModuleList([
             _head(c0, 32, 4), _head(c1, 32, 4), _head(c2, 32, 4, 2), _head(c3, 32, 4, 4), _head(c4, 32, 4, 4)])

@@ -49,7 +49,7 @@ def random_walk_scores(keys: np.ndarray, proto_cam: torch.Tensor, cam: torch.Ten
     """
     if cam.shape != proto_cam.shape or cam.ndim != 3 or cam.shape[0] != len(keys):
         raise ValueError(f"CAMs {tuple(cam.shape)} / {tuple(proto_cam.shape)} do not match {len(keys)} keys")
-    size = tuple(cam.shape[1:])
+    size = (cam.shape[1], cam.shape[2])
     if tuple(edge.shape) != edge_size(*size):
         raise ValueError(f"edge map {tuple(edge.shape)} does not match CAMs of size {size} "
                          f"(expected {edge_size(*size)})")

@@ -15,7 +15,7 @@ pseudo-label stage runs one single-threaded worker process per core.
 from __future__ import annotations
 
 import warnings
-from functools import lru_cache
+from functools import lru_cache, reduce
 
 import torch
 
@@ -53,10 +53,8 @@ def affinity_pairs(edge: torch.Tensor, radius: int) -> tuple[torch.Tensor, torch
         if rows <= 0 or cols <= 0:
             continue
         x0 = max(0, -dx)  # first source column
-        highest = None
-        for py, px in path_offsets(dy, dx):
-            window = edge[py:py + rows, x0 + px:x0 + px + cols]
-            highest = window if highest is None else torch.maximum(highest, window)
+        windows = (edge[py:py + rows, x0 + px:x0 + px + cols] for py, px in path_offsets(dy, dx))
+        highest = reduce(torch.maximum, windows)  # the path holds (0, 0) at least
         src = index[:rows, x0:x0 + cols]
         sources.append(src.reshape(-1))
         targets.append((src + dy * width + dx).reshape(-1))

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -52,6 +52,7 @@ _ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 _F16_MAX = float(np.finfo(np.float16).max)
 # Failures that mean "no readable CAM store / image here" (I/O errors such as PermissionError still propagate).
 _NOT_THERE = (BaseZarrError, FileNotFoundError, KeyError, ValueError, TypeError)
+_Mode = Literal["r", "r+", "a"]  # never "w": it wipes the store
 
 
 class CamStoreError(UserError, ValueError):
@@ -75,8 +76,7 @@ def _storage_options(url: str) -> dict[str, Any] | None:
     return {"auto_mkdir": True} if url.startswith(("file://", "local://")) else None
 
 
-def _open_group(url: str, mode: str, **kwargs: Any) -> zarr.Group:
-    assert mode in ("r", "r+", "a"), mode  # never "w": it wipes the store
+def _open_group(url: str, mode: _Mode, **kwargs: Any) -> zarr.Group:
     return zarr.open_group(url, mode=mode, use_consolidated=False, storage_options=_storage_options(url), **kwargs)
 
 
@@ -91,8 +91,11 @@ class CamStore:
         self._codecs = _codecs(compressor)
         self.compressor = compressor
         attrs = group.attrs.asdict()
-        self._attrs = {"config_hash": str(attrs["config_hash"]), "checkpoint_hash": str(attrs["checkpoint_hash"]),
-                       "class_names": [str(c) for c in attrs["class_names"]]}
+        class_names = attrs["class_names"]
+        assert isinstance(class_names, list), class_names  # _check_group checked it
+        self._config_hash = str(attrs["config_hash"])
+        self._checkpoint_hash = str(attrs["checkpoint_hash"])
+        self._class_names = [str(c) for c in class_names]
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -120,10 +123,10 @@ class CamStore:
         else:
             group = _open_group(url, "r+")
         _check_group(url, group, config_hash, checkpoint_hash)
-        stored = [str(c) for c in group.attrs["class_names"]]
-        if stored != class_names:
-            raise CamStoreError(f"CAM store {url} holds classes {stored}, this stage expects {class_names}")
-        return cls(url, group, writable=True, compressor=compressor)
+        store = cls(url, group, writable=True, compressor=compressor)
+        if store.class_names != class_names:
+            raise CamStoreError(f"CAM store {url} holds classes {store.class_names}, this stage expects {class_names}")
+        return store
 
     @classmethod
     def open(cls, url: str, config_hash: str | None = None, checkpoint_hash: str | None = None) -> CamStore:
@@ -140,19 +143,20 @@ class CamStore:
     @property
     def attrs(self) -> dict[str, Any]:
         """config_hash, checkpoint_hash and class_names of the store (a copy)."""
-        return {**self._attrs, "class_names": list(self._attrs["class_names"])}
+        return {"config_hash": self._config_hash, "checkpoint_hash": self._checkpoint_hash,
+                "class_names": self.class_names}
 
     @property
     def config_hash(self) -> str:
-        return self._attrs["config_hash"]
+        return self._config_hash
 
     @property
     def checkpoint_hash(self) -> str:
-        return self._attrs["checkpoint_hash"]
+        return self._checkpoint_hash
 
     @property
     def class_names(self) -> list[str]:
-        return list(self._attrs["class_names"])
+        return list(self._class_names)
 
     def __repr__(self) -> str:
         return f"CamStore({self.url!r}, config={self.config_hash}, checkpoint={self.checkpoint_hash})"
@@ -245,7 +249,7 @@ class CamStore:
                                 "rerun CAM inference for it")
         keys = np.asarray(attrs["keys"], dtype=np.int64)
         try:
-            data = array[...]
+            data = np.asarray(array[...])
         except Exception as err:  # codecs raise many types for damaged chunks
             raise CamStoreError(f"image {name!r} in CAM store {self.url}: unreadable data ({type(err).__name__}: "
                                 f"{err}); the store is damaged, rerun CAM inference for it") from err
@@ -276,8 +280,8 @@ def _valid_id(image_id: str) -> bool:
 
 def _check_group(url: str, group: zarr.Group, config_hash: str | None, checkpoint_hash: str | None) -> None:
     attrs = group.attrs.asdict()
-    if attrs.get(MARKER) != FORMAT_VERSION or not all(k in attrs for k in ("config_hash", "checkpoint_hash",
-                                                                           "class_names")):
+    if attrs.get(MARKER) != FORMAT_VERSION or not all(k in attrs for k in ("config_hash", "checkpoint_hash")) \
+            or not isinstance(attrs.get("class_names"), list):
         raise CamStoreError(f"{url} is not a CAM store (a Zarr group without the {MARKER!r}={FORMAT_VERSION} "
                             "attribute and hashes)")
     want_config = attrs["config_hash"] if config_hash is None else str(config_hash)

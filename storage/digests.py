@@ -62,9 +62,9 @@ def _units(url: str) -> list[str]:
     return [fs.join(url, rel) for rel in fs.find(url)]
 
 
-def content_digests(urls: Iterable[str]) -> dict[str, str]:
+def content_digests(urls: Iterable[str]) -> dict[str, str | None]:
     """{unit URL: digest} for every unit of the given files and directories (missing ones are skipped)."""
-    digests = {}
+    digests: dict[str, str | None] = {}
     for url in urls:
         if not fs.exists(url):
             log.warning("%s is named as an output but does not exist; not hashed", url)
@@ -73,12 +73,12 @@ def content_digests(urls: Iterable[str]) -> dict[str, str]:
     return digests
 
 
-def combined_digest(digests: dict[str, str]) -> str:
+def combined_digest(digests: dict[str, str | None]) -> str:
     """One digest for a whole set of units: equal when every unit's location and content are equal."""
     text = json.dumps(digests, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def damaged_units(digests: dict[str, str]) -> list[str]:
+def damaged_units(digests: dict[str, str | None]) -> list[str]:
     """The units that are gone or whose content no longer matches the recorded digest."""
     return [url for url, digest in digests.items() if unit_digest(url) != digest]

@@ -51,7 +51,7 @@ class Tracker:
         return self.client is not None
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        if not self.active:
+        if self.client is None:
             return
         from mlflow.entities import Param
 
@@ -60,7 +60,7 @@ class Tracker:
             self.client.log_batch(self.run_id, params=items[start:start + _BATCH])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        if not self.active:
+        if self.client is None:
             return
         from mlflow.entities import Metric
 
@@ -70,16 +70,16 @@ class Tracker:
             self.client.log_batch(self.run_id, metrics=items[start:start + 1000])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        if self.active:
+        if self.client is not None:
             for key, value in tags.items():
                 self.client.set_tag(self.run_id, key, str(value))
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        if self.active:
+        if self.client is not None:
             self.client.log_artifact(self.run_id, str(local_path), artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        if self.active:
+        if self.client is not None:
             self.client.log_text(self.run_id, text, artifact_file)
 
     def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
@@ -97,7 +97,7 @@ class Tracker:
 
     def child(self, name: str) -> Tracker:
         """The nested run of one stage: the existing one when the parent is resumed, else a new one."""
-        if not self.active:
+        if self.client is None:
             return self
         found = self.client.search_runs(
             [self.experiment_id], f"tags.mlflow.parentRunId = '{self.run_id}' and tags.`sfc.stage` = '{name}'",
@@ -110,7 +110,7 @@ class Tracker:
         return Tracker(self.client, run.info.run_id, self.experiment_id)
 
     def finish(self, status: str = "FINISHED") -> None:
-        if self.active:
+        if self.client is not None:
             self.client.set_terminated(self.run_id, status)
 
 

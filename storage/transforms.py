@@ -21,7 +21,7 @@ def random_resize_long(image: Image.Image, low: int, high: int, rng: np.random.G
     target = int(rng.integers(low, high + 1))
     width, height = image.size
     scale = target / max(width, height)
-    return image.resize((int(round(width * scale)), int(round(height * scale))), Image.BICUBIC)
+    return image.resize((int(round(width * scale)), int(round(height * scale))), Image.Resampling.BICUBIC)
 
 
 def normalize(image: np.ndarray) -> np.ndarray:
@@ -120,9 +120,9 @@ def rescale_pair(image: Image.Image, label: np.ndarray, factor: float, interpola
     image (h, w, 3) float32 (``interpolation`` as :class:`SegScaling`), the label (h, w) by PIL's nearest."""
     width, height = image.size
     size = (max(1, int(width * factor)), max(1, int(height * factor)))
-    label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+    label = np.asarray(Image.fromarray(label).resize(size, Image.Resampling.NEAREST))
     if interpolation == "pil_bilinear":
-        return normalize(np.asarray(image.resize(size, Image.BILINEAR))), label
+        return normalize(np.asarray(image.resize(size, Image.Resampling.BILINEAR))), label
     if interpolation != "linear":
         raise ConfigError(f"unknown interpolation {interpolation!r}; allowed: {', '.join(SCALE_INTERPOLATIONS)}")
     return resize_linear(normalize(np.asarray(image)), size[::-1]), label
@@ -154,4 +154,4 @@ def fit_long_side(image: Image.Image, limit: int) -> Image.Image:
     if max(width, height) <= limit:
         return image
     scale = limit / max(width, height)
-    return image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BILINEAR)
+    return image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BILINEAR)

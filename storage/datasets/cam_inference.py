@@ -16,7 +16,7 @@ def scaled_pair(image: Image.Image, scale: float) -> torch.Tensor:
     """(2, 3, round(H*s), round(W*s)): the bicubic-resized, normalised image and its horizontal flip."""
     width, height = image.size
     if scale != 1.0:
-        image = image.resize((round(width * scale), round(height * scale)), Image.BICUBIC)
+        image = image.resize((round(width * scale), round(height * scale)), Image.Resampling.BICUBIC)
     array = normalized_tensor(image)
     return torch.stack([array, array.flip(-1)])
 

@@ -70,13 +70,13 @@ def augment_for_irn(image: Image.Image, label: np.ndarray, crop: int, scale_rang
     scale = low + rng.random() * (high - low)
     width, height = image.size
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    array = normalize(np.asarray(image.resize(size, Image.BICUBIC)))
-    label = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+    array = normalize(np.asarray(image.resize(size, Image.Resampling.BICUBIC)))
+    label = np.asarray(Image.fromarray(label).resize(size, Image.Resampling.NEAREST))
     if rng.random() < 0.5:
         array, label = array[:, ::-1], label[:, ::-1]
     array, label = random_crop_pair(array, label, crop, IGNORE_INDEX, rng)
     small = crop // LABEL_STRIDE
-    label = np.array(Image.fromarray(label).resize((small, small), Image.NEAREST))
+    label = np.array(Image.fromarray(label).resize((small, small), Image.Resampling.NEAREST))
     return np.ascontiguousarray(array.transpose(2, 0, 1)), label
 
 

@@ -375,7 +375,8 @@ def _render(rng: np.random.Generator, classes: list[int], height: int, width: in
     return image.astype(np.uint8), mask, objects
 
 
-def _annotation_xml(image_id: str, height: int, width: int, objects: list[tuple[int, tuple[int, ...]]]) -> str:
+def _annotation_xml(image_id: str, height: int, width: int,
+                    objects: list[tuple[int, tuple[int, int, int, int]]]) -> str:
     parts = ["<annotation>", "  <folder>synthetic</folder>", f"  <filename>{image_id}.jpg</filename>",
              f"  <size><width>{width}</width><height>{height}</height><depth>3</depth></size>",
              "  <segmented>1</segmented>"]

@@ -161,12 +161,13 @@ class VOCLayoutDataset:
     def image_labels(self, ids: Sequence[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         """The image-level labels of ``ids`` (multi-hot rows), and {id: 'file: problem'} for those whose label
         cannot be read or is empty."""
-        labels, problems = {}, {}
+        labels: dict[str, np.ndarray] = {}
+        problems: dict[str, str] = {}
         for image_id, row in self._labels(ids).items():
-            problem = row if isinstance(row, str) else (None if row.any() else "image has no class label")
-            if problem is None:
+            if not isinstance(row, str) and row.any():
                 labels[image_id] = row
             else:
+                problem = row if isinstance(row, str) else "image has no class label"
                 problems[image_id] = f"{self._label_source(image_id)}: {problem}"
         return labels, problems
 
