@@ -56,7 +56,7 @@ def test_merged_shards_report_what_one_pass_reports(tmp_path):
     shards = [evaluate(Histogram(out_dir, numbers), shard) for shard in all_shards(3)]
     assert all(fs.exists(m["partial"]) for m in shards)
     assert merge_shards(Histogram(out_dir, numbers), shards) == {**whole, "shards": 3}
-    assert not fs.exists(partial_dir(out_dir, "toy"))
+    assert not fs.exists(partial_dir(out_dir, "toy")) and not fs.exists(f"{out_dir}/shards")
 
 
 def test_a_state_survives_its_partial(tmp_path):

@@ -21,7 +21,7 @@ import torch
 from models.metrics import ConfusionMatrix
 from storage import fs
 from storage.tracking import Tracker
-from tasks.engine.shards import load_partials, partial_dir, save_partial
+from tasks.engine.shards import load_partials, remove_partials, save_partial
 
 Output = TypeVar("Output")
 
@@ -132,7 +132,7 @@ def merge_shards(evaluator: Evaluator, manifests: Sequence[dict]) -> dict:
     for saved in load_partials(manifests):
         evaluator.merge(EvalState.from_dict(saved))
     manifest = {**evaluator.report(), "shards": len(manifests)}
-    fs.remove(partial_dir(evaluator.out_dir, evaluator.name))
+    remove_partials(evaluator.out_dir, evaluator.name)
     return manifest
 
 

@@ -61,6 +61,14 @@ def partial_dir(out_dir: str, name: str) -> str:
     return fs.join(out_dir, "shards", name)
 
 
+def remove_partials(out_dir: str, name: str) -> None:
+    """Remove the saved partials of ``name``, and ``<out_dir>/shards/`` when nothing else is left in it."""
+    fs.remove(partial_dir(out_dir, name))
+    shards = fs.join(out_dir, "shards")
+    if fs.isdir(shards) and not fs.listdir(shards):
+        fs.remove(shards)
+
+
 def save_partial(out_dir: str, name: str, shard: str, compute: Callable[[], dict]) -> dict:
     """Save what ``compute`` returns for one shard (its partial state) atomically; a shard whose state an
     interrupted attempt already saved is not recomputed. Returns the shard's manifest."""
