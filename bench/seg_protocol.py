@@ -41,7 +41,8 @@ from storage.datasets.split_files import load_split_file, save_split  # noqa: E4
 from storage.datasets.synthetic import generate_synthetic  # noqa: E402
 from storage.datasets.voc_layout import VOCLayoutDataset  # noqa: E402
 from storage.images import read_mask, read_rgb, write_mask  # noqa: E402
-from tasks.eval_seg import EvalSegConfig, eval_seg, load_segmenter, predict_probs  # noqa: E402
+from tasks.engine.seg_prediction import predict_probs  # noqa: E402
+from tasks.eval_seg import EvalSegConfig, eval_seg, load_segmenter  # noqa: E402
 from tasks.train_seg import TrainSegConfig, train_seg  # noqa: E402
 
 SCALINGS = {"deeplab": {}, "earlier": {"scale_range": (0.5, 1.5), "scale_interpolation": "pil_bilinear"}}
@@ -80,7 +81,7 @@ def crf_inputs(checkpoint: str, val_url: str) -> dict[str, float]:
     cfg = EvalSegConfig(test_size=None, flip=False, num_workers=0)
     matrices = {name: ConfusionMatrix(len(split.class_names)) for name in ("no CRF", "CRF on RGB (eval_seg)",
                                                                             "CRF on wrapped BGR - mean (deeplab)")}
-    for image_id, probs in predict_probs(model, split, split.ids, cfg, torch.device("cpu")):
+    for image_id, probs in predict_probs(model, split, split.ids, cfg.prediction, torch.device("cpu")):
         rgb, target = read_rgb(split.image_url(image_id)), read_mask(split.mask_url(image_id))
         predictions = [probs, crf_from_probs(np.array(rgb), probs), crf_from_probs(deeplab_crf_image(rgb), probs)]
         for matrix, prediction in zip(matrices.values(), predictions):

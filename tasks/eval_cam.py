@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -16,13 +17,13 @@ from models.metrics import ConfusionMatrix
 from storage import fs
 from storage.cam_store import CamStore
 from storage.datasets.split_files import load_split_with_masks
-from storage.datasets.voc_layout import Split
 from storage.errors import DataError
 from storage.images import read_mask, read_rgb
 from storage.plots import bar_chart_png, curves_png, overlay_png
 from storage.reports import class_metrics, format_table
 from storage.tracking import Tracker
-from tasks.engine.shards import empty_partial, merge_partials, save_partial, shard_items
+from tasks.engine.evaluation import Evaluator, evaluate, merge_shards, publish_pictures
+from tasks.engine.shards import shard_items
 from tasks.runtime.context import RunContext
 from tasks.runtime.manifests import Inputs
 
@@ -48,73 +49,83 @@ def _foreground(cam: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(cam[1:] / 2.0)
 
 
+CamOutput = tuple[str, np.ndarray, np.ndarray, np.ndarray]
+"""(image id, stored keys, prototype CAM P, PCM CAM K) as :meth:`storage.cam_store.CamStore.load` gives them."""
+
+
+class CamEvaluator(Evaluator[CamOutput]):
+    """The threshold sweeps of P, K and each K + wP, and the reference rule's confusion matrix; the overlays of
+    those of the processed images among the split's first ``cfg.overlays``."""
+
+    name = RESULTS_NAME
+
+    def __init__(self, cfg: EvalCamConfig, store_url: str, split_url: str, out_dir: str, tracker: Tracker | None):
+        self.cfg, self.store_url, self.out_dir, self.tracker = cfg, store_url, out_dir, tracker or Tracker.null()
+        self.split = load_split_with_masks(split_url, "CAM evaluation")
+        self.variants = ["P", "K", *(f"K+{w}P" for w in cfg.proto_weights)]
+        self.drawn = set(self.split.ids[:cfg.overlays])
+        self.reset()
+
+    def reset(self) -> None:
+        super().reset()
+        k, t = len(self.split.class_names), len(self.cfg.thresholds)
+        self.state.matrices.update({v: torch.zeros(t, k, k, dtype=torch.int64) for v in self.variants})
+        self.state.matrices[REFERENCE_RULE] = torch.zeros(k, k, dtype=torch.int64)
+
+    def outputs(self, shard: str | None) -> Iterator[CamOutput]:
+        store = CamStore.open(self.store_url)
+        for image_id in shard_items(self.split.ids, shard):
+            yield image_id, *store.load(image_id)
+
+    def process(self, output: CamOutput) -> None:
+        image_id, keys_np, proto, cam = output
+        split, names = self.split, self.split.class_names
+        mask = torch.from_numpy(read_mask(split.mask_url(image_id)).astype(np.int64))
+        if mask.shape != proto.shape[1:]:
+            raise DataError(f"{split.mask_url(image_id)}: mask size {tuple(mask.shape)} differs from the stored "
+                            f"CAM size {proto.shape[1:]} of image {image_id!r}")
+        keys = torch.from_numpy(keys_np)
+        maps = {"P": proto, "K": cam, **{f"K+{w}P": (cam + w * proto) / (1 + w) for w in self.cfg.proto_weights}}
+        for variant, values in maps.items():
+            sweep = ThresholdSweep(len(names), self.cfg.thresholds)
+            sweep.update(mask, _foreground(values), keys)
+            self.state.add_matrix(variant, sweep.counts())
+        self.state.add_confusion(REFERENCE_RULE, mask, keys[torch.from_numpy(proto).argmax(0)], len(names))
+        if image_id in self.drawn:
+            labels = {v: keys[torch.from_numpy(maps[v]).argmax(0)].numpy() for v in ("P", "K")}
+            self.state.pictures[_overlay_name(image_id)] = overlay_png(
+                read_rgb(split.image_url(image_id)), mask.numpy(), [("P", labels["P"]), ("K", labels["K"])])
+
+    def report(self) -> dict:
+        names, matrices, out_dir = self.split.class_names, self.state.matrices, self.out_dir
+        results = {v: ThresholdSweep.from_counts(matrices[v], self.cfg.thresholds).results(names)
+                   for v in self.variants}
+        results[REFERENCE_RULE] = {"best": ConfusionMatrix.from_counts(matrices[REFERENCE_RULE]).scores(names)}
+        summary = {v: {"miou": r["best"]["miou"], "best_threshold": r.get("best_threshold")}
+                   for v, r in results.items()}
+        fs.write_text(fs.join(out_dir, RESULTS), json.dumps({"summary": summary, "variants": results}, indent=2))
+        overlays = self.state.pictures_of(map(_overlay_name, self.split.ids))
+        _log_results(results, summary, self.split.name, out_dir, overlays, self.tracker)
+        return {"results": fs.join(out_dir, RESULTS), "split": self.split.name, "summary": summary}
+
+
 def eval_cam(cfg: EvalCamConfig, store_url: str, split_url: str, out_dir: str, tracker: Tracker | None = None,
              shard: str | None = None) -> dict:
     """Sweep the background threshold for P, K and each K + wP over the split's masks in one pass; also score
     the reference's own rule (argmax of P with its background channel). Writes ``cam_eval.json``, plots and
     overlays; returns the manifest. With ``shard='i/n'`` only every n-th image from i is scored and the counts are
     saved for :func:`merge_cam_eval`."""
-    split = load_split_with_masks(split_url, "CAM evaluation")
-    if shard is not None:
-        return save_partial(out_dir, RESULTS_NAME, shard,
-                            lambda: _accumulate(cfg, store_url, split, shard_items(split.ids, shard)))
-    return _report(cfg, split, _accumulate(cfg, store_url, split, split.ids), out_dir, tracker or Tracker.null())
+    return evaluate(CamEvaluator(cfg, store_url, split_url, out_dir, tracker), shard)
 
 
 def merge_cam_eval(shards: list[dict], cfg: EvalCamConfig, store_url: str, split_url: str, out_dir: str,
                    tracker: Tracker | None = None) -> dict:
     """The results of a sharded CAM evaluation (``shards``: the shards' manifests), as one unsharded pass gives."""
-    split = load_split_with_masks(split_url, "CAM evaluation")
-    return merge_partials(shards, out_dir, RESULTS_NAME,
-                          lambda state: _report(cfg, split, state, out_dir, tracker or Tracker.null()))
-
-
-def _variants(cfg: EvalCamConfig) -> list[str]:
-    return ["P", "K", *(f"K+{w}P" for w in cfg.proto_weights)]
-
-
-def _accumulate(cfg: EvalCamConfig, store_url: str, split: Split, ids: list[str]) -> dict:
-    """The sweeps' and the reference rule's confusion matrices over ``ids``, and the overlays of those among the
-    split's first ``cfg.overlays`` images."""
-    store = CamStore.open(store_url)
-    names = split.class_names
-    sweeps = {v: ThresholdSweep(len(names), cfg.thresholds) for v in _variants(cfg)}
-    reference = ConfusionMatrix(len(names))
-    drawn = set(split.ids[:cfg.overlays])
-    state = empty_partial()
-    for image_id in ids:
-        keys_np, proto, cam = store.load(image_id)
-        mask = torch.from_numpy(read_mask(split.mask_url(image_id)).astype(np.int64))
-        if mask.shape != proto.shape[1:]:
-            raise DataError(f"{split.mask_url(image_id)}: mask size {tuple(mask.shape)} differs from the stored "
-                            f"CAM size {proto.shape[1:]} of image {image_id!r}")
-        keys = torch.from_numpy(keys_np)
-        maps = {"P": proto, "K": cam, **{f"K+{w}P": (cam + w * proto) / (1 + w) for w in cfg.proto_weights}}
-        for variant, values in maps.items():
-            sweeps[variant].update(mask, _foreground(values), keys)
-        reference.update(mask, keys[torch.from_numpy(proto).argmax(0)])
-        if image_id in drawn:
-            labels = {v: keys[torch.from_numpy(maps[v]).argmax(0)].numpy() for v in ("P", "K")}
-            state["pictures"][_overlay_name(image_id)] = overlay_png(
-                read_rgb(split.image_url(image_id)), mask.numpy(), [("P", labels["P"]), ("K", labels["K"])])
-    state["matrices"] = {**{v: sweep.counts() for v, sweep in sweeps.items()}, REFERENCE_RULE: reference.matrix}
-    return state
+    return merge_shards(CamEvaluator(cfg, store_url, split_url, out_dir, tracker), shards)
 
 
 def _overlay_name(image_id: str) -> str:
     return f"overlays/{image_id}.png"
-
-
-def _report(cfg: EvalCamConfig, split: Split, state: dict, out_dir: str, tracker: Tracker) -> dict:
-    names = split.class_names
-    results = {v: ThresholdSweep.from_counts(state["matrices"][v], cfg.thresholds).results(names)
-               for v in _variants(cfg)}
-    results[REFERENCE_RULE] = {"best": ConfusionMatrix.from_counts(state["matrices"][REFERENCE_RULE]).scores(names)}
-    summary = {v: {"miou": r["best"]["miou"], "best_threshold": r.get("best_threshold")} for v, r in results.items()}
-    fs.write_text(fs.join(out_dir, RESULTS), json.dumps({"summary": summary, "variants": results}, indent=2))
-    overlays = {name: state["pictures"][name] for name in map(_overlay_name, split.ids) if name in state["pictures"]}
-    _log_results(results, summary, split.name, out_dir, overlays, tracker)
-    return {"results": fs.join(out_dir, RESULTS), "split": split.name, "summary": summary}
 
 
 def _log_results(results: dict, summary: dict, split_name: str, out_dir: str, overlays: dict[str, bytes],
@@ -133,9 +144,7 @@ def _log_results(results: dict, summary: dict, split_name: str, out_dir: str, ov
             f"per-class IoU at the best threshold ({split_name})"),
     }
     pictures.update(overlays)
-    for name, png in pictures.items():
-        fs.write_bytes(fs.join(out_dir, name), png)
-        tracker.log_bytes(png, f"cam_eval/{name}")
+    publish_pictures(pictures, out_dir, tracker, "cam_eval")
     tracker.log_dict(summary, "cam_eval/summary.json")
 
 

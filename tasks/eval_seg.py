@@ -17,6 +17,7 @@ import logging
 import tarfile
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import fields
 from typing import Any, Literal
 
 import numpy as np
@@ -24,26 +25,26 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from models.backbone import fold_batchnorm
 from models.deeplab import V2_RATES, DeepLab
 from models.metrics import ConfusionMatrix
-from models.seg_inference import FUSIONS, canvas_probabilities, multiscale_logits
+from models.seg_inference import FUSIONS
 from storage import checkpoints, fs
-from storage.datasets.segmentation import CanvasSet, collate_canvases
 from storage.datasets.split_files import load_split_file, load_split_with_masks
 from storage.datasets.voc_layout import Split
 from storage.digests import file_digest
 from storage.errors import DataError
-from storage.images import encode_mask_png, read_mask, read_rgb
+from storage.images import encode_mask_png, read_rgb
 from storage.plots import bar_chart_png, overlay_png
 from storage.reports import class_metrics, format_table
 from storage.tracking import Tracker
 from tasks.engine.crf import crf_labels
+from tasks.engine.evaluation import EvalState, Evaluator, evaluate, merge_shards, publish_pictures
 from tasks.engine.parallel import parallel_map
-from tasks.engine.shards import empty_partial, merge_partials, save_partial, shard_items
+from tasks.engine.seg_prediction import SegPrediction, predict_probs, read_target
+from tasks.engine.shards import shard_items
 from tasks.runtime.context import RunContext
 from tasks.runtime.device import resolve_device
 from tasks.runtime.manifests import Inputs
@@ -85,6 +86,11 @@ class EvalSegConfig(BaseModel):
             raise ValueError(f"scales must be a non-empty list of positive numbers, got {list(scales)}")
         return scales
 
+    @property
+    def prediction(self) -> SegPrediction:
+        """The settings :func:`tasks.engine.seg_prediction.predict_probs` runs with."""
+        return SegPrediction(**{f.name: getattr(self, f.name) for f in fields(SegPrediction)})
+
 
 def load_segmenter(url: str, class_names: Sequence[str]) -> DeepLab:
     """The segmenter of a ``train_seg`` checkpoint (eval mode). A checkpoint that is not a segmenter, or was
@@ -109,37 +115,6 @@ def _names(names: Sequence[str]) -> str:
     return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
 
 
-@torch.no_grad()
-def predict_probs(model: torch.nn.Module, split: Split, ids: Sequence[str], cfg: EvalSegConfig,
-                  device: torch.device) -> Iterator[tuple[str, np.ndarray]]:
-    """(id, class probabilities (C, H, W) float32 at the image's size) for each id, in order: batches of padded
-    canvases, or single unpadded images, through :func:`models.seg_inference.multiscale_logits`."""
-    use_amp = cfg.amp and device.type == "cuda"
-    batch_size = cfg.batch_size if cfg.test_size else 1
-    loader = DataLoader(CanvasSet(split, ids, cfg.test_size), batch_size=batch_size, num_workers=cfg.num_workers,
-                        collate_fn=collate_canvases, pin_memory=device.type == "cuda",
-                        generator=torch.Generator())  # leaves the global RNG of a calling training untouched
-    for batch in loader:
-        images = batch["image"].to(device, non_blocking=True)
-        if use_amp:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, enabled=use_amp):
-            logits = multiscale_logits(model, images, cfg.scales, cfg.flip, cfg.fusion)
-        probs = canvas_probabilities(logits, images.shape[2:], batch["content"], batch["size"])
-        for image_id, p in zip(batch["id"], probs):
-            yield image_id, p.cpu().numpy()
-
-
-def read_target(split: Split, image_id: str, shape: tuple[int, ...]) -> np.ndarray:
-    """The ground-truth mask of ``image_id``; a size other than the prediction's is an error naming the file."""
-    url = split.mask_url(image_id)
-    mask = read_mask(url).astype(np.int64)
-    if mask.shape != tuple(shape):
-        raise DataError(f"{url}: mask is {mask.shape[0]}x{mask.shape[1]} but image {split.image_url(image_id)} is "
-                        f"{shape[0]}x{shape[1]}")
-    return mask
-
-
 def segment(model: torch.nn.Module, split: Split, ids: Sequence[str], cfg: EvalSegConfig,
             device: torch.device) -> Iterator[tuple[str, np.ndarray, np.ndarray | None]]:
     """(id, class map without CRF, class map with CRF or None) for each of ``ids`` of ``split``, in order. The CRF
@@ -153,7 +128,7 @@ def segment(model: torch.nn.Module, split: Split, ids: Sequence[str], cfg: EvalS
         yield from ((image_id, plain, labels) for (image_id, plain, _), labels in zip(pending, refined))
         pending.clear()
 
-    progress = tqdm(predict_probs(model, split, ids, cfg, device), total=len(ids),
+    progress = tqdm(predict_probs(model, split, ids, cfg.prediction, device), total=len(ids),
                     desc=f"eval_seg {split.name}", unit="img", dynamic_ncols=True)
     for image_id, probs in progress:
         plain = probs.argmax(axis=0).astype(np.uint8)
@@ -166,33 +141,94 @@ def segment(model: torch.nn.Module, split: Split, ids: Sequence[str], cfg: EvalS
     if pending:
         yield from flush()
 
+SegOutput = tuple[str, str, np.ndarray, np.ndarray | None]
+"""(split key ``val`` or ``test``, image id, class map without CRF, class map with CRF or None)."""
 
-def _accumulate_split(model: torch.nn.Module, split: Split, ids: Sequence[str], key: str, cfg: EvalSegConfig,
-                      device: torch.device, state: dict, predictions: bool) -> None:
-    """Add to ``state`` the confusion matrices ``<key>/no_crf`` and ``<key>/crf`` of ``ids`` (when the split has
-    masks), their count and seconds, overlays of those among the split's first ``cfg.overlays`` images and, with
-    ``predictions``, each prediction (CRF if on) as a VOC-palette PNG under its name in the server layout."""
-    names = split.class_names
-    matrices = {"no_crf": ConfusionMatrix(len(names)), "crf": ConfusionMatrix(len(names))}
-    drawn = set(split.ids[:cfg.overlays])
-    started = time.perf_counter()
-    for image_id, plain, refined in segment(model, split, ids, cfg, device):
-        if predictions:
-            state["pictures"][_prediction_name(image_id)] = encode_mask_png(refined if refined is not None else plain)
+
+class SegEvaluator(Evaluator[SegOutput]):
+    """Scores the segmenter of ``checkpoint_url`` on the validation split without and with CRF, and on the test
+    split if given (if it has masks), whose predictions it also keeps as VOC-palette PNGs for the server archive.
+    The state holds per split key the confusion matrices ``<key>/no_crf`` and ``<key>/crf`` (when the split has
+    masks), ``<key>/images`` and the seconds; its pictures are the validation overlays and the test predictions."""
+
+    name = RESULTS_NAME
+
+    def __init__(self, cfg: EvalSegConfig, checkpoint_url: str, val_split_url: str, test_split_url: str | None,
+                 device: str, out_dir: str, tracker: Tracker | None):
+        val = load_split_with_masks(val_split_url, "segmentation evaluation")
+        test = load_split_file(test_split_url) if test_split_url else None
+        if test is not None and test.class_names != val.class_names:
+            raise DataError(f"{test_split_url}: classes differ from those of the validation split {val_split_url}")
+        self.cfg, self.checkpoint_url, self.device = cfg, checkpoint_url, device
+        self.splits = {"val": val, **({"test": test} if test is not None else {})}
+        self.out_dir, self.tracker = out_dir, tracker or Tracker.null()
+        self.drawn = set(val.ids[:cfg.overlays])
+        self.reset()
+
+    def reset(self) -> None:
+        super().reset()
+        variants = ("no_crf", "crf") if self.cfg.crf else ("no_crf",)
+        for key, split in self.splits.items():
+            self.state.add_count(f"{key}/images", 0)
+            self.state.seconds[key] = 0.0
+            k = len(split.class_names)
+            if split.has_masks:
+                self.state.matrices.update({f"{key}/{v}": torch.zeros(k, k, dtype=torch.int64) for v in variants})
+
+    def outputs(self, shard: str | None) -> Iterator[SegOutput]:
+        """The splits' shard segmented in turn (the model loaded first), each split timed."""
+        model = load_segmenter(self.checkpoint_url, self.splits["val"].class_names)
+        device = resolve_device(self.device)
+        fold_batchnorm(model.backbone)  # eval mode: same outputs, faster
+        model.to(device)
+        if self.cfg.amp and device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        for key, split in self.splits.items():
+            ids = shard_items(split.ids, shard)
+            started = time.perf_counter()
+            for image_id, plain, refined in segment(model, split, ids, self.cfg, device):
+                yield key, image_id, plain, refined
+            self.state.seconds[key] = time.perf_counter() - started
+            self.state.add_count(f"{key}/images", len(ids))
+
+    def process(self, output: SegOutput) -> None:
+        key, image_id, plain, refined = output
+        split = self.splits[key]
+        if key == "test":
+            self.state.pictures[_prediction_name(image_id)] = encode_mask_png(refined if refined is not None else plain)
         if not split.has_masks:
-            continue
+            return
         target = read_target(split, image_id, plain.shape)
-        matrices["no_crf"].update(target, plain)
+        self.state.add_confusion(f"{key}/no_crf", target, plain, len(split.class_names))
         if refined is not None:
-            matrices["crf"].update(target, refined)
-        if image_id in drawn:
+            self.state.add_confusion(f"{key}/crf", target, refined, len(split.class_names))
+        if key == "val" and image_id in self.drawn:
             shown = [("no CRF", plain)] + ([("CRF", refined)] if refined is not None else [])
-            state["pictures"][_overlay_name(image_id)] = overlay_png(read_rgb(split.image_url(image_id)), target, shown)
-    state["seconds"][key] = time.perf_counter() - started
-    state["counts"][f"{key}/images"] = len(ids)
-    if split.has_masks:
-        state["matrices"].update({f"{key}/{variant}": m.matrix for variant, m in matrices.items()
-                                  if variant == "no_crf" or cfg.crf})
+            self.state.pictures[_overlay_name(image_id)] = overlay_png(read_rgb(split.image_url(image_id)), target,
+                                                                       shown)
+
+    def report(self) -> dict:
+        val, test, state = self.splits["val"], self.splits.get("test"), self.state
+        results: dict = {"checkpoint": self.checkpoint_url, "checkpoint_hash": file_digest(self.checkpoint_url),
+                         "config": self.cfg.model_dump(mode="json"), "val": _split_results(val, "val", state)}
+        archive_url = None
+        if test is not None:
+            results["test"] = _split_results(test, "test", state)
+            buffer = io.BytesIO()
+            with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as gz, \
+                    tarfile.open(fileobj=gz, mode="w") as archive:
+                for image_id in test.ids:
+                    _add_png(archive, _prediction_name(image_id), state.pictures[_prediction_name(image_id)])
+            archive_url = fs.join(self.out_dir, ARCHIVE)
+            fs.write_bytes(archive_url, buffer.getvalue())
+            results["test"]["archive"] = archive_url
+            self.tracker.log_bytes(buffer.getvalue(), f"eval_seg/{ARCHIVE}")
+        summary = _summary(results)
+        results["summary"] = summary
+        fs.write_text(fs.join(self.out_dir, RESULTS), json.dumps(results, indent=2))
+        overlays = state.pictures_of(map(_overlay_name, val.ids))
+        _log_results(results, summary, self.out_dir, overlays, self.tracker)
+        return {"results": fs.join(self.out_dir, RESULTS), "summary": summary, "archive": archive_url}
 
 
 def _prediction_name(image_id: str) -> str:
@@ -203,13 +239,13 @@ def _overlay_name(image_id: str) -> str:
     return f"seg_overlays/{image_id}.png"
 
 
-def _split_results(split: Split, key: str, state: dict) -> dict:
+def _split_results(split: Split, key: str, state: EvalState) -> dict:
     """What one split's accumulated state scores: mIoU etc. without and with CRF, images, seconds, throughput."""
-    images, seconds = state["counts"][f"{key}/images"], state["seconds"][key]
+    images, seconds = state.counts[f"{key}/images"], state.seconds[key]
     result: dict = {"split": split.name, "images": images, "seconds": seconds,
                     "images_per_second": images / seconds if seconds > 0 else None}
     for variant in ("no_crf", "crf"):
-        if (counts := state["matrices"].get(f"{key}/{variant}")) is not None:
+        if (counts := state.matrices.get(f"{key}/{variant}")) is not None:
             result[variant] = ConfusionMatrix.from_counts(counts).scores(split.class_names)
     return result
 
@@ -228,68 +264,15 @@ def eval_seg(cfg: EvalSegConfig, checkpoint_url: str, val_split_url: str, out_di
     ``results/VOC2012/Segmentation/comp6_test_cls/`` in ``<out_dir>/seg_test_results.tar.gz`` (logged to MLflow);
     a test split with masks is scored too. Returns the manifest. With ``shard='i/n'`` only every n-th image from i
     of each split is segmented, and the counts and PNGs are saved for :func:`merge_seg_eval`."""
-    val, test = _load_splits(val_split_url, test_split_url)
-    if shard is not None:
-        return save_partial(out_dir, RESULTS_NAME, shard,
-                            lambda: _accumulate(cfg, checkpoint_url, val, test, device, shard))
-    state = _accumulate(cfg, checkpoint_url, val, test, device, None)
-    return _report(cfg, checkpoint_url, val, test, state, out_dir, tracker or Tracker.null())
+    return evaluate(SegEvaluator(cfg, checkpoint_url, val_split_url, test_split_url, device, out_dir, tracker), shard)
 
 
 def merge_seg_eval(shards: list[dict], cfg: EvalSegConfig, checkpoint_url: str, val_split_url: str, out_dir: str,
                    device: str = "auto", tracker: Tracker | None = None, test_split_url: str | None = None) -> dict:
     """The results of a sharded segmentation evaluation (``shards``: the shards' manifests), as one unsharded pass
     gives (the test archive included, byte for byte)."""
-    val, test = _load_splits(val_split_url, test_split_url)
-    return merge_partials(shards, out_dir, RESULTS_NAME, lambda state: _report(
-        cfg, checkpoint_url, val, test, state, out_dir, tracker or Tracker.null()))
-
-
-def _load_splits(val_split_url: str, test_split_url: str | None) -> tuple[Split, Split | None]:
-    val = load_split_with_masks(val_split_url, "segmentation evaluation")
-    test = load_split_file(test_split_url) if test_split_url else None
-    if test is not None and test.class_names != val.class_names:
-        raise DataError(f"{test_split_url}: classes differ from those of the validation split {val_split_url}")
-    return val, test
-
-
-def _accumulate(cfg: EvalSegConfig, checkpoint_url: str, val: Split, test: Split | None, device: str,
-                shard: str | None) -> dict:
-    model = load_segmenter(checkpoint_url, val.class_names)
-    torch_device = resolve_device(device)
-    fold_batchnorm(model.backbone)  # eval mode: same outputs, faster
-    model.to(torch_device)
-    if cfg.amp and torch_device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    state = empty_partial()
-    _accumulate_split(model, val, shard_items(val.ids, shard), "val", cfg, torch_device, state, predictions=False)
-    if test is not None:
-        _accumulate_split(model, test, shard_items(test.ids, shard), "test", cfg.model_copy(update={"overlays": 0}),
-                          torch_device, state, predictions=True)
-    return state
-
-
-def _report(cfg: EvalSegConfig, checkpoint_url: str, val: Split, test: Split | None, state: dict, out_dir: str,
-            tracker: Tracker) -> dict:
-    results = {"checkpoint": checkpoint_url, "checkpoint_hash": file_digest(checkpoint_url),
-               "config": cfg.model_dump(mode="json"), "val": _split_results(val, "val", state)}
-    archive_url = None
-    if test is not None:
-        results["test"] = _split_results(test, "test", state)
-        buffer = io.BytesIO()
-        with gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as archive:
-            for image_id in test.ids:
-                _add_png(archive, _prediction_name(image_id), state["pictures"][_prediction_name(image_id)])
-        archive_url = fs.join(out_dir, ARCHIVE)
-        fs.write_bytes(archive_url, buffer.getvalue())
-        results["test"]["archive"] = archive_url
-        tracker.log_bytes(buffer.getvalue(), f"eval_seg/{ARCHIVE}")
-    summary = _summary(results)
-    results["summary"] = summary
-    fs.write_text(fs.join(out_dir, RESULTS), json.dumps(results, indent=2))
-    overlays = {name: state["pictures"][name] for name in map(_overlay_name, val.ids) if name in state["pictures"]}
-    _log_results(results, summary, out_dir, overlays, tracker)
-    return {"results": fs.join(out_dir, RESULTS), "summary": summary, "archive": archive_url}
+    return merge_shards(SegEvaluator(cfg, checkpoint_url, val_split_url, test_split_url, device, out_dir, tracker),
+                        shards)
 
 
 def _summary(results: dict) -> dict:
@@ -320,9 +303,7 @@ def _log_results(results: dict, summary: dict, out_dir: str, overlays: dict[str,
                                                                    scores["per_class"].items()}
     pictures = {"seg_per_class_iou.png": bar_chart_png(bars, f"per-class IoU ({results['val']['split']})")}
     pictures.update(overlays)
-    for name, png in pictures.items():
-        fs.write_bytes(fs.join(out_dir, name), png)
-        tracker.log_bytes(png, f"eval_seg/{name}")
+    publish_pictures(pictures, out_dir, tracker, "eval_seg")
     tracker.log_dict(summary, "eval_seg/summary.json")
 
 

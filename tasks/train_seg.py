@@ -41,7 +41,7 @@ from tasks.engine.resume import (
     save_training_state,
     training_state,
 )
-from tasks.eval_seg import EvalSegConfig, predict_probs, read_target
+from tasks.engine.seg_prediction import SegPrediction, predict_probs, read_target
 from tasks.runtime.context import RunContext
 from tasks.runtime.device import amp_enabled, resolve_device
 from tasks.runtime.hashing import config_hash
@@ -153,8 +153,8 @@ def segmentation_sgd(model: DeepLab, cfg: TrainSegConfig) -> torch.optim.SGD:
 @torch.no_grad()
 def validate_segmenter(model: torch.nn.Module, split: Split, cfg: TrainSegConfig, device: torch.device) -> dict:
     """Single-scale, no-flip, no-CRF scores of the model on the split's ground truth."""
-    settings = EvalSegConfig(scales=(1.0,), flip=False, crf=False, test_size=cfg.val_size,
-                             batch_size=cfg.batch_size, num_workers=cfg.num_workers, amp=cfg.amp)
+    settings = SegPrediction(scales=(1.0,), flip=False, test_size=cfg.val_size, batch_size=cfg.batch_size,
+                             num_workers=cfg.num_workers, amp=cfg.amp)
     ids = split.ids[:cfg.val_max_images]
     matrix = ConfusionMatrix(len(split.class_names))
     model.eval()

@@ -142,8 +142,8 @@ def _deeplab_pytorch_test(model, image: torch.Tensor, scales=(0.5, 0.75)) -> tor
     logits = model(image)
     pyramid = [model(torch.nn.functional.interpolate(image, scale_factor=p, mode="bilinear", align_corners=False))
                for p in scales]
-    fused = torch.stack([logits, *(torch.nn.functional.interpolate(l, size=logits.shape[2:], mode="bilinear",
-                                                                     align_corners=False) for l in pyramid)]).amax(0)
+    fused = torch.stack([logits, *(torch.nn.functional.interpolate(x, size=logits.shape[2:], mode="bilinear",
+                                                                     align_corners=False) for x in pyramid)]).amax(0)
     full = torch.nn.functional.interpolate(fused, size=image.shape[2:], mode="bilinear", align_corners=False)
     return torch.softmax(full, dim=1)[0]
 

@@ -6,15 +6,8 @@ import pytest
 
 from flows.config import load_config
 from storage import fs
-from tasks.engine.shards import (
-    add_partials,
-    all_shards,
-    empty_partial,
-    merge_counts,
-    partial_dir,
-    save_partial,
-    shard_items,
-)
+from tasks.engine.evaluation import EvalState
+from tasks.engine.shards import all_shards, merge_counts, partial_dir, save_partial, shard_items
 from tests.compare_runs import assert_same_cam_stores, assert_same_label_pngs
 from tests.test_flow import TINY
 
@@ -83,8 +76,7 @@ def test_sharded_evaluations_equal_one_pass(runs):
 
 
 def test_a_saved_shard_is_not_recomputed(tmp_path):
-    state = empty_partial()
-    state["counts"]["images"] = 3
+    state = EvalState(counts={"images": 3}).to_dict()
     manifest = save_partial(str(tmp_path), "eval", "1/2", lambda: state)
 
     def recompute() -> dict:
@@ -97,14 +89,15 @@ def test_a_saved_shard_is_not_recomputed(tmp_path):
 def test_partial_states_add_up():
     import torch
 
-    one, two = empty_partial(), empty_partial()
-    one.update(matrices={"m": torch.ones(2, 2, dtype=torch.int64)}, counts={"n": 2}, seconds={"val": 3.0},
-               pictures={"a.png": b"a"})
-    two.update(matrices={"m": torch.eye(2, dtype=torch.int64)}, counts={"n": 1}, seconds={"val": 5.0},
-               pictures={"b.png": b"b"})
-    total = add_partials([one, two])
-    assert total["matrices"]["m"].tolist() == [[2, 1], [1, 2]] and total["counts"] == {"n": 3}
-    assert total["seconds"] == {"val": 5.0} and set(total["pictures"]) == {"a.png", "b.png"}
+    one = EvalState(matrices={"m": torch.ones(2, 2, dtype=torch.int64)}, counts={"n": 2}, seconds={"val": 3.0},
+                    pictures={"a.png": b"a"})
+    two = EvalState(matrices={"m": torch.eye(2, dtype=torch.int64)}, counts={"n": 1}, seconds={"val": 5.0},
+                    pictures={"b.png": b"b"})
+    total = EvalState()
+    for state in (one, two):
+        total.merge(state)
+    assert total.matrices["m"].tolist() == [[2, 1], [1, 2]] and total.counts == {"n": 3}
+    assert total.seconds == {"val": 5.0} and set(total.pictures) == {"a.png", "b.png"}
 
 
 def test_sharded_stage_is_taken_from_its_record_on_rerun(runs):

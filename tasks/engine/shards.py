@@ -1,9 +1,8 @@
 """Splitting a stage's images into shards (``i/n``: every n-th image from i) that separate processes, mapped
 Prefect tasks or Dask workers compute independently, and merging the shards' manifests into the stage's.
 
-Evaluations shard through *partial states*: each shard saves what it accumulated over its images (confusion
-matrices, counts, seconds, pictures such as overlays) under ``<out_dir>/shards/<name>/``; the merge adds them up
-and reports once, exactly as one pass over all images would.
+Evaluations shard through *partial states*: each shard saves what it accumulated over its images under
+``<out_dir>/shards/<name>/`` (:mod:`tasks.engine.evaluation` merges them and reports once).
 """
 from __future__ import annotations
 
@@ -58,46 +57,30 @@ def merge_counts(manifests: Sequence[dict], summed: Sequence[str], same: Sequenc
     return merged
 
 
-def empty_partial() -> dict:
-    """An evaluation's accumulated state: {matrices: {name: counts tensor}, counts: {name: number},
-    seconds: {name: float}, pictures: {name: PNG bytes}}."""
-    return {"matrices": {}, "counts": {}, "seconds": {}, "pictures": {}}
-
-
 def partial_dir(out_dir: str, name: str) -> str:
     return fs.join(out_dir, "shards", name)
 
 
-def save_partial(out_dir: str, name: str, shard: str, accumulate: Callable[[], dict]) -> dict:
-    """Run ``accumulate`` for one shard and save its partial state atomically; a shard whose state an interrupted
-    attempt already saved is not recomputed. Returns the shard's manifest."""
+def remove_partials(out_dir: str, name: str) -> None:
+    """Remove the saved partials of ``name``, and ``<out_dir>/shards/`` when nothing else is left in it."""
+    fs.remove(partial_dir(out_dir, name))
+    shards = fs.join(out_dir, "shards")
+    if fs.isdir(shards) and not fs.listdir(shards):
+        fs.remove(shards)
+
+
+def save_partial(out_dir: str, name: str, shard: str, compute: Callable[[], dict]) -> dict:
+    """Save what ``compute`` returns for one shard (its partial state) atomically; a shard whose state an
+    interrupted attempt already saved is not recomputed. Returns the shard's manifest."""
     index, count = parse_shard(shard)
     url = fs.join(partial_dir(out_dir, name), f"{index}-of-{count}.pt")
     if fs.exists(url):
         log.info("%s, shard %s: finished by an earlier attempt (%s)", name, shard, url)
     else:
-        checkpoints.save(url, accumulate())
+        checkpoints.save(url, compute())
     return {"partial": url, "shard": shard}
 
 
-def add_partials(states: Sequence[dict]) -> dict:
-    """One state from several shards': matrices and counts added, seconds the slowest shard's, pictures united."""
-    total = empty_partial()
-    for state in states:
-        for key, value in state["matrices"].items():
-            total["matrices"][key] = total["matrices"][key] + value if key in total["matrices"] else value
-        for key, value in state["counts"].items():
-            total["counts"][key] = total["counts"].get(key, 0) + value
-        for key, value in state["seconds"].items():
-            total["seconds"][key] = max(total["seconds"].get(key, 0.0), value)
-        total["pictures"].update(state["pictures"])
-    return total
-
-
-def merge_partials(manifests: Sequence[dict], out_dir: str, name: str, report: Callable[[dict], dict]) -> dict:
-    """The stage manifest of a sharded evaluation: ``report`` on the sum of the shards' partial states, which are
-    removed afterwards."""
-    state = add_partials([checkpoints.load(m["partial"]) for m in manifests])
-    manifest = {**report(state), "shards": len(manifests)}
-    fs.remove(partial_dir(out_dir, name))
-    return manifest
+def load_partials(manifests: Sequence[dict]) -> list[dict]:
+    """The partial states the shards (``manifests``: what :func:`save_partial` returned) saved."""
+    return [checkpoints.load(m["partial"]) for m in manifests]
