@@ -1,4 +1,4 @@
-"""Stage 2b: CAM evaluation against ground truth: background-threshold sweep of P, K and fused K + wP."""
+"""CAM evaluation against ground truth: background-threshold sweep of P, K and fused K + wP."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Stage 3d: scoring label PNGs (pseudo labels, or IR labels) against the split's ground-truth masks.
+"""Scoring label PNGs (pseudo labels, or IR labels) against the split's ground-truth masks.
 
 As the reference's ``eval_sem_seg.py`` does, a predicted 255 (ignore) counts as background: the main score is
 the mIoU over all classes, background included, from :class:`models.metrics.ConfusionMatrix` (which maps

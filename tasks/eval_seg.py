@@ -1,4 +1,4 @@
-"""Stage 4b: segmentation inference (multi-scale + flip, optional dense CRF) and evaluation against ground truth;
+"""Segmentation inference (multi-scale + flip, optional dense CRF) and evaluation against ground truth;
 test-split predictions exported for the PASCAL VOC evaluation server (docs/method.md sections 8 and 9).
 
 Two input protocols. ``test_size: null`` is deeplab-pytorch's ``test``: each image whole at its own size, one per
