@@ -1,9 +1,9 @@
-"""Stage 1: train SFC's CAM network (MSDW losses + image bank re-sampling), resumable from checkpoints."""
+"""Train SFC's CAM network (MSDW losses + image bank re-sampling), resumable from checkpoints."""
 from __future__ import annotations
 
 import json
 import logging
-import time
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -12,7 +12,6 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from models.backbone import BACKBONES, NORMS
 from models.cam_eval import ThresholdSweep
@@ -23,26 +22,17 @@ from models.metrics import ConfusionMatrix
 from models.optim import poly_sgd
 from models.sfc import SFCNet, max_normalize
 from storage import checkpoints, fs
-from storage.datasets.cam_training import CAMTrainingSet, EpochBatchSampler, FullImageSet
+from storage.datasets.cam_training import CAMTrainingSet, FullImageSet
 from storage.datasets.split_files import load_split_file
 from storage.datasets.voc_layout import Split
 from storage.reports import class_metrics, format_table
 from storage.tracking import Tracker
-from tasks.engine import distributed
-from tasks.engine.distributed import RankBatches, seeded_model
-from tasks.engine.resume import (
-    finished_manifest,
-    latest_training_state,
-    loss_summary,
-    rank_states,
-    report_step,
-    restore_rank_state,
-    restore_training_state,
-    save_training_state,
-    training_state,
-)
+from tasks.engine import training
+from tasks.engine.distributed import seeded_model
+from tasks.engine.resume import finished_manifest, loss_summary
+from tasks.engine.training import Checkpointer, EvalHook, Solver, StepLogger, StepResult, Trainer
 from tasks.runtime.context import RunContext
-from tasks.runtime.device import amp_enabled, resolve_device
+from tasks.runtime.device import amp_enabled
 from tasks.runtime.hashing import config_hash
 from tasks.runtime.manifests import Inputs
 
@@ -208,69 +198,54 @@ def train_cam(
     resumes from the last one and ends with the same weights. A finished stage (manifest with the same config
     hash) is returned without training. Under torchrun the ranks split each global batch of
     ``batch_size x processes`` images and keep their own image bank; rank 0 alone validates and writes the
-    checkpoints, outputs and MLflow records (see tasks/distributed.py).
+    checkpoints, outputs and MLflow records (see tasks/engine/training.py). A non-finite loss or gradient stops it with
+    TrainingDivergedError before anything of that step is saved.
     """
-    tracker = tracker or Tracker.null()
     split = load_split_file(train_split_url)
     cfg_hash = config_hash(cfg, str(seed), ",".join(split.ids))
     manifest_url = fs.join(out_dir, MANIFEST)
-    if (finished := finished_manifest(manifest_url, cfg_hash)) is not None:
-        log.info("CAM training already finished: %s", finished["checkpoint"])
+    if (finished := finished_manifest(manifest_url, cfg_hash, "CAM training")) is not None:
         return finished
 
-    ranks, torch_device = distributed.setup(resolve_device(device))
-    tracker = tracker if ranks.is_main else Tracker.null()
+    ranks, torch_device, tracker = training.setup(device, tracker)
     use_amp = amp_enabled(cfg.amp, torch_device)
     model = seeded_model(lambda: build_model(cfg, split.num_classes), seed, torch_device, ranks, cfg.channels_last)
-
-    global_batch = cfg.batch_size * ranks.world_size
-    steps_per_epoch = len(split.ids) // global_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"{train_split_url}: {len(split.ids)} images, fewer than batch_size={cfg.batch_size} x "
-                         f"{ranks.world_size} process(es)")
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    epoch_steps = training.steps_per_epoch(len(split.ids), cfg.batch_size, ranks, train_split_url)
+    total_steps = cfg.max_steps or cfg.epochs * epoch_steps
     class_weights = distribution_weights(  # every rank's bank re-samples n_resample images per step
-        cfg.class_weights, split.class_names[1:], split.class_counts(), steps_per_epoch * ranks.world_size,
+        cfg.class_weights, split.class_names[1:], split.class_counts(), epoch_steps * ranks.world_size,
         cfg.ibr.n_resample)
     weights_t = torch.from_numpy(class_weights).to(torch_device)
     optimizer, scheduler = poly_sgd(model.parameter_groups(), cfg.lr, cfg.new_layer_lr_mult, cfg.weight_decay,
                                     cfg.momentum, total_steps, cfg.poly_power)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    solver = Solver(model, optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=use_amp), cfg.clip_grad_norm)
     sfc = cfg.method == "sfc"
     bank = ImageBank(split.num_classes, cfg.crop, cfg.ibr.n_resample, cfg.ibr.skip_empty_slots,
                      ranks.rank_seed(seed)) \
         if sfc and cfg.ibr.enabled else None
     loss_weights = LossWeights(cfg.loss_proto_weight, cfg.loss_scale_weight) if sfc else LossWeights(0.0, 0.0)
 
-    ckpt_dir = fs.join(out_dir, "checkpoints")
-    start_step, selection = 0, {"best_step": None, "best_score": 0.0, "history": []}
-    if (state := latest_training_state(ckpt_dir, cfg_hash)) is not None:
-        start_step = restore_training_state(state, model, optimizer, scheduler, scaler)
-        own = restore_rank_state(state, ranks)
-        if bank is not None:
-            bank.load_state_dict(own["image_bank"])
-        selection = state.get("selection") or selection
+    trainer = Trainer("train_cam", solver, ranks, torch_device, tracker, total_steps, out_dir, cfg_hash)
+    state, own = trainer.resume()
+    if state and bank is not None:
+        bank.load_state_dict(own["image_bank"])
+    selection = state.get("selection") or {"best_step": None, "best_score": 0.0, "history": []}
     train_model = ranks.wrap(model, torch_device)
 
     tracker.log_params({"train_cam": cfg.model_dump(), "seed": seed, "total_steps": total_steps,
                         "train_images": len(split.ids)})
     tracker.log_metrics({f"class_weight/{n}": float(w) for n, w in zip(split.class_names[1:], class_weights)})
 
-    sampler = RankBatches(EpochBatchSampler(len(split.ids), global_batch, seed, total_steps, start_step), ranks)
-    loader = DataLoader(CAMTrainingSet(split, cfg.crop, cfg.resize_long), batch_sampler=sampler,
-                        num_workers=cfg.num_workers, pin_memory=torch_device.type == "cuda",
-                        persistent_workers=False)
+    loader = trainer.loader(CAMTrainingSet(split, cfg.crop, cfg.resize_long), seed, cfg.batch_size, cfg.num_workers)
     val_split = load_split_file(val_split_url) if val_split_url else None
     seed_split, candidates = _selection_plan(cfg, seed_split_url, total_steps)
     meta = {"backbone": cfg.backbone, "norm": cfg.norm, "trainable_from": cfg.trainable_from,
             "bg_seed_scale": cfg.bg_seed_scale, "num_classes": split.num_classes,
             "class_names": list(split.class_names), "config_hash": cfg_hash}
     best_url = fs.join(out_dir, BEST)
-    started, images_seen = time.perf_counter(), 0
-    history: list[dict[str, float]] = []
-    progress = tqdm(total=total_steps, initial=start_step, desc="train_cam", unit="step", dynamic_ncols=True,
-                    disable=not ranks.is_main)
-    for step, batch in zip(range(start_step, total_steps), loader):
+
+    def loss_step(batches: Iterator[dict]) -> StepResult:
+        batch = next(batches)
         images, valid, labels = batch["image"], batch["valid"], batch["label"]
         if bank is not None:
             images, valid, labels = bank.extend_batch(images, valid, labels)
@@ -279,35 +254,20 @@ def train_cam(
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(torch_device.type, enabled=use_amp):
             losses = sfc_step_losses(train_model, images, valid, labels, weights_t, loss_weights)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses.total).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-        lrs = [group["lr"] for group in optimizer.param_groups]
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        images_seen += images.shape[0] * ranks.world_size
-        values = losses.as_floats()
-        history.append(values)
-        done = step + 1
-        report_step(progress, tracker, values, {"lr_backbone": lrs[0], "lr_new_layers": lrs[1]}, done, total_steps,
-                    cfg.log_every)
-        if ranks.is_main and done in candidates:
-            _select(model, seed_split, torch_device, cfg, tracker, done, selection, best_url, meta)
-        if done % cfg.checkpoint_every == 0 and done < total_steps:
-            bank_state = bank.state_dict() if bank is not None else None
-            per_rank = rank_states(ranks, image_bank=bank_state)
-            if ranks.is_main:
-                save_training_state(ckpt_dir, training_state(
-                    done, cfg_hash, model, optimizer, scheduler, scaler, image_bank=bank_state, selection=selection,
-                    **per_rank), cfg.keep_checkpoints)
-            ranks.barrier()
-        if ranks.is_main and val_split is not None and cfg.selection == "final" and cfg.validate_every \
-                and done % cfg.validate_every == 0 and done < total_steps:
-            _validate(model, val_split, torch_device, cfg, tracker, done, out_dir)
-    progress.close()
-    seconds = time.perf_counter() - started
+        trainer.backward(losses.total)
+        return StepResult(losses.as_floats(), images.shape[0])
+
+    validated = range(cfg.validate_every, total_steps, cfg.validate_every) \
+        if val_split is not None and cfg.selection == "final" and cfg.validate_every else ()
+    trainer.train(loader, loss_step, [
+        StepLogger(("lr_backbone", "lr_new_layers"), cfg.log_every),
+        EvalHook(candidates, lambda step: _select(model, seed_split, torch_device, cfg, tracker, step, selection,
+                                                  best_url, meta)),
+        Checkpointer(cfg.checkpoint_every, cfg.keep_checkpoints, per_rank=("image_bank",),
+                     extra=lambda step: {"image_bank": bank.state_dict() if bank is not None else None,
+                                         "selection": selection}),
+        EvalHook(validated, lambda step: _validate(model, val_split, torch_device, cfg, tracker, step, out_dir)),
+    ])
     if not ranks.is_main:
         return ranks.broadcast(None)  # rank 0's manifest, once it has written the outputs
 
@@ -316,8 +276,8 @@ def train_cam(
     manifest = {
         "config_hash": cfg_hash, "steps": total_steps, "final_checkpoint": final_url, "checkpoint": final_url,
         "class_weights": dict(zip(split.class_names[1:], class_weights.tolist())),
-        "train_seconds": seconds, "images_per_second": images_seen / seconds if seconds > 0 else None,
-        **loss_summary(history),
+        "train_seconds": trainer.seconds, "images_per_second": trainer.images_per_second,
+        **loss_summary(trainer.history),
     }
     if val_split is not None:
         _validate(model, val_split, torch_device, cfg, tracker, total_steps, out_dir)
@@ -327,11 +287,9 @@ def train_cam(
             raise ValueError(f"selection best_gt: no validated step scored above 0 on split {seed_split.name!r}")
         manifest["checkpoint"] = best_url
         manifest["selection"] = {"split": seed_split.name, **selection}
-    tracker.log_metrics({"train_seconds": seconds, "images_per_second": manifest["images_per_second"] or 0.0})
+    tracker.log_metrics({"train_seconds": trainer.seconds, "images_per_second": manifest["images_per_second"] or 0.0})
     tracker.set_tags({"final_checkpoint": final_url, "selected_checkpoint": manifest["checkpoint"]})
-    fs.write_text(manifest_url, json.dumps(manifest, indent=2))
-    tracker.log_dict(manifest, "train_cam/manifest.json")
-    return ranks.broadcast(manifest)
+    return trainer.publish(manifest_url, manifest)
 
 
 def _save_model(url: str, model: SFCNet, meta: dict, step: int) -> None:

@@ -1,4 +1,4 @@
-"""Stage 3a: train the inter-pixel relation network (IRN) on IR labels, resumable from checkpoints
+"""Train the inter-pixel relation network (IRN) on IR labels, resumable from checkpoints
 (docs/method.md section 7.2).
 
 Deviations available as options (reference defaults): ``scale_range`` (the reference's effective U[0.5, 1.0]; IRN
@@ -7,12 +7,10 @@ CPU demo has no pretrained weights), ``mean_shift_images`` (the reference averag
 """
 from __future__ import annotations
 
-import json
 import logging
-import time
+from collections.abc import Iterator
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -24,23 +22,15 @@ from models.backbone import BACKBONES
 from models.irn import STRIDE, IRNet, PathIndex, feature_size, irn_losses
 from models.optim import poly_sgd
 from storage import checkpoints, fs
-from storage.datasets.cam_training import EpochBatchSampler
 from storage.datasets.irn import IRNTrainingSet, TopLeftCropSet, ir_label_digest
 from storage.datasets.split_files import load_split_file
 from storage.datasets.voc_layout import Split
 from storage.tracking import Tracker
-from tasks.engine import distributed
-from tasks.engine.distributed import RankBatches, seeded_model
-from tasks.engine.resume import (
-    latest_training_state,
-    loss_summary,
-    rank_states,
-    report_step,
-    restore_rank_state,
-    save_training_state,
-)
+from tasks.engine import training
+from tasks.engine.distributed import seeded_model
+from tasks.engine.resume import finished_manifest, loss_summary
+from tasks.engine.training import Checkpointer, Solver, StepLogger, StepResult, Trainer
 from tasks.runtime.context import RunContext
-from tasks.runtime.device import resolve_device
 from tasks.runtime.hashing import config_hash
 from tasks.runtime.manifests import Inputs
 from tasks.runtime.weights import load_backbone_weights, resolve_cam_weights, unresolved_cam_weights
@@ -137,25 +127,6 @@ def mean_displacement(model: IRNet, split: Split, cfg: TrainIrnConfig, device: t
     return (total / len(dataset)).float()
 
 
-def _resume_state(model: IRNet, optimizer, scheduler, step: int, cfg_hash: str) -> dict:
-    """Everything a killed run needs to continue; the frozen backbone is left out (it is rebuilt identically)."""
-    heads = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.")}
-    return {"heads": heads, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "step": step, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
-            "config_hash": cfg_hash}
-
-
-def _apply_resume_state(state: dict, model: IRNet, optimizer, scheduler) -> int:
-    missing, unexpected = model.load_state_dict(state["heads"], strict=False)
-    if unexpected or any(not k.startswith("backbone.") for k in missing):
-        raise ValueError(f"step checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    return int(state["step"])
-
-
 def train_irn(
     cfg: TrainIrnConfig,
     ir_label_dir: str,
@@ -172,74 +143,48 @@ def train_irn(
     one and ends with the same weights. A finished stage (manifest with the same config hash, which covers the
     config, seed, image ids and IR label contents) is returned without training. Under torchrun the ranks split
     each global batch; rank 0 alone computes the mean displacement and writes checkpoints, outputs and MLflow
-    records (see tasks/distributed.py).
+    records (see tasks/engine/training.py). A non-finite loss or gradient stops it with
+    TrainingDivergedError before anything of that step is saved.
     """
-    tracker = tracker or Tracker.null()
     split = load_split_file(split_url)
     label_digest = ir_label_digest(ir_label_dir, split.ids)
     cfg_hash = config_hash(cfg, str(seed), ",".join(split.ids), label_digest)
     manifest_url = fs.join(out_dir, MANIFEST)
-    if fs.exists(manifest_url):
-        manifest = json.loads(fs.read_text(manifest_url))
-        if manifest.get("config_hash") == cfg_hash and fs.exists(manifest["checkpoint"]):
-            log.info("IRN training already finished: %s", manifest["checkpoint"])
-            return manifest
+    if (finished := finished_manifest(manifest_url, cfg_hash, "IRN training")) is not None:
+        return finished
 
-    ranks, torch_device = distributed.setup(resolve_device(device))
-    tracker = tracker if ranks.is_main else Tracker.null()
+    ranks, torch_device, tracker = training.setup(device, tracker)
     model = seeded_model(lambda: build_model(cfg), seed, torch_device, ranks)
-    global_batch = cfg.batch_size * ranks.world_size
-    steps_per_epoch = len(split.ids) // global_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"{split_url}: {len(split.ids)} images, fewer than batch_size={cfg.batch_size} x "
-                         f"{ranks.world_size} process(es)")
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    total_steps = cfg.max_steps or cfg.epochs * training.steps_per_epoch(len(split.ids), cfg.batch_size, ranks,
+                                                                         split_url)
     optimizer, scheduler = poly_sgd(model.parameter_groups(), cfg.lr, cfg.displacement_lr_mult, cfg.weight_decay,
                                     cfg.momentum, total_steps, cfg.poly_power)
     paths = PathIndex(cfg.radius, feature_size(cfg.crop, cfg.crop)).to(torch_device)
     num_labels = len(split.class_names)
 
-    ckpt_dir = fs.join(out_dir, "checkpoints")
-    start_step = 0
-    if (state := latest_training_state(ckpt_dir, cfg_hash)) is not None:
-        start_step = _apply_resume_state(state, model, optimizer, scheduler)
-        restore_rank_state(state, ranks)
+    # the frozen backbone is left out of step checkpoints (it is rebuilt identically)
+    solver = Solver(model, optimizer, scheduler, frozen_prefix="backbone.")
+    trainer = Trainer("train_irn", solver, ranks, torch_device, tracker, total_steps, out_dir, cfg_hash)
+    trainer.resume()
     train_model = ranks.wrap(model, torch_device)
 
     tracker.log_params({"train_irn": cfg.model_dump(), "seed": seed, "total_steps": total_steps,
                         "train_images": len(split.ids), "ir_label_dir": ir_label_dir,
                         "ir_label_digest": label_digest, "pair_directions": paths.num_directions})
-    sampler = RankBatches(EpochBatchSampler(len(split.ids), global_batch, seed, total_steps, start_step), ranks)
-    loader = DataLoader(IRNTrainingSet(split, ir_label_dir, cfg.crop, cfg.scale_range), batch_sampler=sampler,
-                        num_workers=cfg.num_workers, pin_memory=torch_device.type == "cuda")
-    started, images_seen = time.perf_counter(), 0
-    history: list[dict[str, float]] = []
-    progress = tqdm(total=total_steps, initial=start_step, desc="train_irn", unit="step", dynamic_ncols=True,
-                    disable=not ranks.is_main)
-    for step, batch in zip(range(start_step, total_steps), loader):
+    loader = trainer.loader(IRNTrainingSet(split, ir_label_dir, cfg.crop, cfg.scale_range), seed, cfg.batch_size,
+                            cfg.num_workers)
+
+    def loss_step(batches: Iterator[dict]) -> StepResult:
+        batch = next(batches)
         images = batch["image"].to(torch_device, non_blocking=True)
         labels = batch["label"].to(torch_device, non_blocking=True)
         edge, displacement = train_model(images)
         losses = irn_losses(edge, displacement, labels, paths, num_labels)
-        optimizer.zero_grad(set_to_none=True)
-        losses.total.backward()
-        lrs = [group["lr"] for group in optimizer.param_groups]
-        optimizer.step()
-        scheduler.step()
-        images_seen += images.shape[0] * ranks.world_size
-        values = losses.as_floats()
-        history.append(values)
-        done = step + 1
-        report_step(progress, tracker, values, {"lr_edge": lrs[0], "lr_displacement": lrs[1]}, done, total_steps,
-                    cfg.log_every)
-        if done % cfg.checkpoint_every == 0 or done == total_steps:
-            per_rank = rank_states(ranks)
-            if ranks.is_main:
-                save_training_state(ckpt_dir, {**_resume_state(model, optimizer, scheduler, done, cfg_hash),
-                                               **per_rank}, cfg.keep_checkpoints)
-            ranks.barrier()
-    progress.close()
-    seconds = time.perf_counter() - started
+        trainer.backward(losses.total)
+        return StepResult(losses.as_floats(), images.shape[0])
+
+    trainer.train(loader, loss_step, [StepLogger(("lr_edge", "lr_displacement"), cfg.log_every),
+                                      Checkpointer(cfg.checkpoint_every, cfg.keep_checkpoints, at_end=True)])
     if not ranks.is_main:
         return ranks.broadcast(None)  # rank 0's manifest, once it has written the outputs
 
@@ -252,15 +197,13 @@ def train_irn(
     checkpoints.save(final_url, {"model": model.state_dict(), "meta": meta, "step": total_steps})
     manifest = {
         "config_hash": cfg_hash, "steps": total_steps, "checkpoint": final_url, "mean_shift": shift.tolist(),
-        "ir_label_digest": label_digest, "train_seconds": seconds,
-        "images_per_second": images_seen / seconds if seconds > 0 and images_seen else None,
-        **loss_summary(history),
+        "ir_label_digest": label_digest, "train_seconds": trainer.seconds,
+        "images_per_second": trainer.images_per_second, **loss_summary(trainer.history),
     }
-    tracker.log_metrics({"train_seconds": seconds, "mean_shift_dy": shift[0].item(), "mean_shift_dx": shift[1].item()})
+    tracker.log_metrics({"train_seconds": trainer.seconds, "mean_shift_dy": shift[0].item(),
+                         "mean_shift_dx": shift[1].item()})
     tracker.set_tags({"irn_checkpoint": final_url})
-    fs.write_text(manifest_url, json.dumps(manifest, indent=2))
-    tracker.log_dict(manifest, "train_irn/manifest.json")
-    return ranks.broadcast(manifest)
+    return trainer.publish(manifest_url, manifest)
 
 
 def arguments(cfg: TrainIrnConfig, run: RunContext, inputs: Inputs) -> dict[str, Any]:

@@ -1,26 +1,22 @@
-"""Stage 4a: train a DeepLab segmenter on the pseudo labels (deeplab-pytorch's VOC recipe, docs/method.md section 9),
+"""Train a DeepLab segmenter on the pseudo labels (deeplab-pytorch's VOC recipe, docs/method.md section 9),
 validating against ground truth, resumable from checkpoints."""
 from __future__ import annotations
 
-import json
 import logging
-import time
+from collections.abc import Iterator
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from models.backbone import BACKBONES, NORMS
 from models.deeplab import ARCHS, MSC_SCALES, V2_RATES, DeepLab, msc_cross_entropy, msc_outputs
 from models.metrics import ConfusionMatrix
 from models.optim import poly_schedule
 from storage import checkpoints, fs
-from storage.datasets.cam_training import EpochBatchSampler, repeat_factors
+from storage.datasets.cam_training import repeat_factors
 from storage.datasets.segmentation import SegTrainingSet, check_label_maps, pseudo_label_urls
 from storage.datasets.split_files import load_split_file, load_split_with_masks
 from storage.datasets.voc_layout import Split
@@ -28,22 +24,13 @@ from storage.errors import DataError
 from storage.reports import class_metrics, format_table
 from storage.tracking import Tracker
 from storage.transforms import SCALE_INTERPOLATIONS, SEG_SCALES, SegScaling
-from tasks.engine import distributed
-from tasks.engine.distributed import RankBatches, seeded_model, sync_grads
-from tasks.engine.resume import (
-    LOSS_WINDOW,
-    finished_manifest,
-    latest_training_state,
-    rank_states,
-    report_step,
-    restore_rank_state,
-    restore_training_state,
-    save_training_state,
-    training_state,
-)
+from tasks.engine import training
+from tasks.engine.distributed import seeded_model, sync_grads
+from tasks.engine.resume import LOSS_WINDOW, finished_manifest, loss_summary
 from tasks.engine.seg_prediction import SegPrediction, predict_probs, read_target
+from tasks.engine.training import Checkpointer, EvalHook, Solver, StepLogger, StepResult, Trainer
 from tasks.runtime.context import RunContext
-from tasks.runtime.device import amp_enabled, resolve_device
+from tasks.runtime.device import amp_enabled
 from tasks.runtime.hashing import config_hash
 from tasks.runtime.manifests import Inputs
 from tasks.runtime.weights import load_backbone_weights, resolve_cam_weights, unresolved_cam_weights
@@ -175,9 +162,9 @@ def train_seg(cfg: TrainSegConfig, train_split_url: str, pseudo_label_dir: str, 
     killed run resumes from the last one to the same weights. A finished stage (manifest with the same config hash,
     which covers the seed, the image list and the decoded pseudo labels) is returned without training. Under
     torchrun the ranks split each global batch; rank 0 alone validates and writes checkpoints, outputs and MLflow
-    records (see tasks/distributed.py).
+    records (see tasks/engine/training.py). A non-finite loss or gradient stops it with
+    TrainingDivergedError before anything of that step is saved.
     """
-    tracker = tracker or Tracker.null()
     split = load_split_file(train_split_url)
     num_labels = len(split.class_names)
     label_urls = pseudo_label_urls(split, pseudo_label_dir)
@@ -188,42 +175,30 @@ def train_seg(cfg: TrainSegConfig, train_split_url: str, pseudo_label_dir: str, 
     # worker count does not change the data order or the weights, so it may differ on resume
     cfg_hash = config_hash(cfg.model_copy(update={"num_workers": 0}), str(seed), ",".join(split.ids), labels_digest)
     manifest_url = fs.join(out_dir, MANIFEST)
-    if (finished := finished_manifest(manifest_url, cfg_hash)) is not None:
-        log.info("segmentation training already finished: %s", finished["checkpoint"])
+    if (finished := finished_manifest(manifest_url, cfg_hash, "segmentation training")) is not None:
         return finished
 
-    ranks, torch_device = distributed.setup(resolve_device(device))
-    tracker = tracker if ranks.is_main else Tracker.null()
+    ranks, torch_device, tracker = training.setup(device, tracker)
     use_amp = amp_enabled(cfg.amp, torch_device)
     model = seeded_model(lambda: build_segmenter(cfg, num_labels), seed, torch_device, ranks, cfg.channels_last)
     optimizer = segmentation_sgd(model, cfg)
-    scheduler = poly_schedule(optimizer, cfg.max_steps, cfg.poly_power)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    solver = Solver(model, optimizer, poly_schedule(optimizer, cfg.max_steps, cfg.poly_power),
+                    torch.amp.GradScaler("cuda", enabled=use_amp))
 
-    ckpt_dir = fs.join(out_dir, "checkpoints")
-    start_step, validations = 0, []
-    if (state := latest_training_state(ckpt_dir, cfg_hash)) is not None:
-        start_step = restore_training_state(state, model, optimizer, scheduler, scaler)
-        restore_rank_state(state, ranks)
-        validations = state["validations"]
+    trainer = Trainer("train_seg", solver, ranks, torch_device, tracker, cfg.max_steps, out_dir, cfg_hash)
+    state, _ = trainer.resume()
+    validations: list[dict] = state.get("validations", [])
     train_model = ranks.wrap(model, torch_device)
     tracker.log_params({"train_seg": cfg.model_dump(mode="json"), "seed": seed, "train_images": len(split.ids),
                         "pseudo_labels": pseudo_label_dir, "pseudo_label_digest": labels_digest})
 
     repeats = repeat_factors(split.labels, cfg.repeat_threshold) if cfg.repeat_threshold else None
-    sampler = RankBatches(EpochBatchSampler(len(split.ids), cfg.batch_size * ranks.world_size, seed,
-                                            cfg.max_steps * cfg.iter_size, start_step * cfg.iter_size, repeats), ranks)
-    loader = DataLoader(SegTrainingSet(split, label_urls, cfg.crop, cfg.scaling), batch_sampler=sampler,
-                        num_workers=cfg.num_workers, pin_memory=torch_device.type == "cuda",
-                        generator=torch.Generator())  # own generator: the global RNG (dropout) stays resumable
-    batches = iter(loader)
-    losses: list[float] = []
-    started, images_seen = time.perf_counter(), 0
-    progress = tqdm(total=cfg.max_steps, initial=start_step, desc="train_seg", unit="step", dynamic_ncols=True,
-                    disable=not ranks.is_main)
-    for step in range(start_step, cfg.max_steps):
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = torch.zeros((), device=torch_device)
+    loader = trainer.loader(SegTrainingSet(split, label_urls, cfg.crop, cfg.scaling), seed, cfg.batch_size,
+                            cfg.num_workers, cfg.iter_size, repeats,
+                            torch.Generator())  # own generator: the global RNG (dropout) stays resumable
+
+    def loss_step(batches: Iterator[dict]) -> StepResult:
+        step_loss, images_seen = torch.zeros((), device=torch_device), 0
         for index in range(cfg.iter_size):
             batch = next(batches)
             images = batch["image"].to(torch_device, non_blocking=True)
@@ -234,32 +209,21 @@ def train_seg(cfg: TrainSegConfig, train_split_url: str, pseudo_label_dir: str, 
                 with torch.autocast(torch_device.type, enabled=use_amp):
                     outputs = msc_outputs(train_model, images, cfg.msc_scales)
                 loss = msc_cross_entropy(outputs, labels, cfg.loss_at_input_size) / cfg.iter_size
-                scaler.scale(loss).backward()
+                trainer.backward(loss)
             step_loss += loss.detach()
-            images_seen += images.shape[0] * ranks.world_size
-        lrs = [group["lr"] for group in optimizer.param_groups]
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        loss_value = float(step_loss)
-        losses.append(loss_value)
-        done = step + 1
-        report_step(progress, tracker, {"loss": loss_value}, {"lr_backbone": lrs[0], "lr_head": lrs[1]}, done,
-                    cfg.max_steps, cfg.log_every)
-        if ranks.is_main and val_split is not None and (
-                (cfg.val_every and done % cfg.val_every == 0) or done == cfg.max_steps):
-            validations.append(_validate(model, val_split, cfg, torch_device, tracker, done))
-        if done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
-            per_rank = rank_states(ranks)
-            if ranks.is_main:
-                save_training_state(ckpt_dir, training_state(
-                    done, cfg_hash, model, optimizer, scheduler, scaler,
-                    sampler={"seed": seed, "batch_size": cfg.batch_size, "position": done * cfg.iter_size},
-                    validations=validations, **per_rank),
-                    cfg.keep_checkpoints)
-            ranks.barrier()
-    progress.close()
-    seconds = time.perf_counter() - started
+            images_seen += images.shape[0]
+        return StepResult({"loss": float(step_loss)}, images_seen)
+
+    validated = {*range(cfg.val_every, cfg.max_steps, cfg.val_every), cfg.max_steps} if cfg.val_every \
+        else {cfg.max_steps}
+    trainer.train(loader, loss_step, [
+        StepLogger(("lr_backbone", "lr_head"), cfg.log_every),
+        EvalHook(validated if val_split is not None else (),
+                 lambda step: validations.append(_validate(model, val_split, cfg, torch_device, tracker, step))),
+        Checkpointer(cfg.checkpoint_every, cfg.keep_checkpoints, extra=lambda step: {
+            "sampler": {"seed": seed, "batch_size": cfg.batch_size, "position": step * cfg.iter_size},
+            "validations": validations}),
+    ])
     if not ranks.is_main:
         return ranks.broadcast(None)  # rank 0's manifest, once it has written the outputs
 
@@ -268,20 +232,18 @@ def train_seg(cfg: TrainSegConfig, train_split_url: str, pseudo_label_dir: str, 
             "output_stride": cfg.output_stride, "aspp_rates": list(cfg.aspp_rates),
             "class_names": list(split.class_names), "config_hash": cfg_hash}
     checkpoints.save(final_url, {"model": model.state_dict(), "meta": meta, "step": cfg.max_steps})
-    window = max(1, min(LOSS_WINDOW, len(losses) // 2))
+    losses = loss_summary(trainer.history, max(1, min(LOSS_WINDOW, len(trainer.history) // 2)))  # half the steps
+    first, last = losses["first_losses"], losses["last_losses"]
     manifest = {
         "config_hash": cfg_hash, "steps": cfg.max_steps, "checkpoint": final_url,
         "pseudo_labels": pseudo_label_dir, "pseudo_label_digest": labels_digest,
-        "train_seconds": seconds, "images_per_second": images_seen / seconds if seconds > 0 else None,
-        "first_loss": float(np.mean(losses[:window])) if losses else None,
-        "last_loss": float(np.mean(losses[-window:])) if losses else None,
+        "train_seconds": trainer.seconds, "images_per_second": trainer.images_per_second,
+        "first_loss": first["loss"] if first else None, "last_loss": last["loss"] if last else None,
         "validation": validations,
     }
-    tracker.log_metrics({"train_seconds": seconds, "images_per_second": manifest["images_per_second"] or 0.0})
+    tracker.log_metrics({"train_seconds": trainer.seconds, "images_per_second": manifest["images_per_second"] or 0.0})
     tracker.set_tags({"seg_checkpoint": final_url})
-    fs.write_text(manifest_url, json.dumps(manifest, indent=2))
-    tracker.log_dict(manifest, "train_seg/manifest.json")
-    return ranks.broadcast(manifest)
+    return trainer.publish(manifest_url, manifest)
 
 
 def _validate(model: torch.nn.Module, split: Split, cfg: TrainSegConfig, device: torch.device, tracker: Tracker,

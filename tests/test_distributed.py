@@ -20,9 +20,7 @@ from flows.config import load_config
 from flows.records import manifest_url
 from flows.stages import STAGES
 from storage import checkpoints, fs
-from storage.datasets.irn import ir_label_url
 from storage.datasets.split_files import load_split_file
-from storage.images import read_mask, write_mask
 from storage.tracking import Tracker
 from tasks.engine import distributed
 from tasks.engine.distributed import Ranks
@@ -31,8 +29,7 @@ from tasks.train_cam import TrainCamConfig, build_model, train_cam
 from tasks.train_irn import TrainIrnConfig, train_irn
 from tasks.train_seg import TrainSegConfig, train_seg
 from tests.single_thread import one_torch_thread  # noqa: F401  (autouse fixture)
-from tests.synthetic_splits import synthetic_split_files
-from tests.test_irn import ir_label_from_mask
+from tests.synthetic_splits import stage_inputs
 
 CAM = dict(backbone="resnet18", trainable_from=3, crop=64, resize_long=(48, 80), batch_size=2, num_workers=0,
            class_weights="uniform", keep_checkpoints=5)
@@ -46,14 +43,7 @@ WORLD = 2
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, str]:
     """Synthetic splits; ground-truth masks stand in for pseudo labels and (with ignored borders) IR labels."""
-    root = tmp_path_factory.mktemp("ddp")
-    urls = synthetic_split_files(root, ("train_aug", "val"), 24, 3, 56, 72)
-    split = load_split_file(urls["train_aug"])
-    for image_id in split.ids:
-        mask = read_mask(split.mask_url(image_id))
-        write_mask(str(root / "labels" / f"{image_id}.png"), mask)
-        write_mask(ir_label_url(str(root / "ir_labels"), image_id), ir_label_from_mask(mask))
-    return {**urls, "labels": str(root / "labels"), "ir_labels": str(root / "ir_labels")}
+    return stage_inputs(tmp_path_factory.mktemp("ddp"), 24, 3, 56, 72)
 
 
 def _free_port() -> int:

@@ -164,7 +164,7 @@ def test_failed_stage_is_reported_and_resume_finishes_in_the_same_mlflow_run(res
     assert shown.exit_code == 0 and "failed" in shown.output and "disk on fire" in shown.output
     client = MlflowClient(failing.tracking_uri())
     failed_run = client.search_runs([client.get_run(first["mlflow_run_id"]).info.experiment_id],
-                                    f"tags.config_hash = '{failing.digest()}'")[0]
+                                    f"tags.config_digest = '{failing.digest()}'")[0]
     assert failed_run.info.status == "FAILED"
     monkeypatch.undo()
     resumed = CliRunner().invoke(main, ["resume", failing.run.name, "--root", failing.run.root])

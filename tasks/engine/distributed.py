@@ -95,6 +95,15 @@ class Ranks:
         dist.all_gather_object(gathered, obj)
         return gathered
 
+    def all_true(self, flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` holds on every rank (a collective call: one all-reduce of a scalar on ``device``);
+        ``flag`` itself for a single process."""
+        if not self.active:
+            return flag
+        value = torch.tensor(int(flag), device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value.item())
+
     def broadcast(self, obj: T) -> T:
         """Rank 0's ``obj`` on every rank (a collective call)."""
         if not self.active:

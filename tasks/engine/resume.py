@@ -1,5 +1,6 @@
-"""Resumable training: one checkpoint dict with everything a killed run needs to continue bit-identically
-(model, optimiser, scheduler, grad scaler, step, RNG states, plus what a stage adds), and the finished-stage check."""
+"""Resumable training: the parts of a step checkpoint (written by :mod:`tasks.engine.training`) that let a killed
+run continue bit-identically (RNG states, per-rank entries), finding and writing step checkpoints, the
+finished-stage check and the loss summary of a training manifest."""
 from __future__ import annotations
 
 import json
@@ -14,22 +15,17 @@ from tasks.engine.distributed import Ranks
 log = logging.getLogger(__name__)
 
 
-def finished_manifest(manifest_url: str, cfg_hash: str) -> dict | None:
-    """The stage manifest at ``manifest_url`` if it was written under ``cfg_hash`` and its checkpoint exists."""
+def finished_manifest(manifest_url: str, cfg_hash: str, what: str = "the stage") -> dict | None:
+    """The stage manifest at ``manifest_url`` if it was written under ``cfg_hash`` and its checkpoint exists (logged
+    as ``<what> already finished``)."""
     if not fs.exists(manifest_url):
         return None
     manifest = json.loads(fs.read_text(manifest_url))
     checkpoint = manifest.get("checkpoint")
     if manifest.get("config_hash") == cfg_hash and checkpoint and fs.exists(checkpoint):
+        log.info("%s already finished: %s", what, checkpoint)
         return manifest
     return None
-
-
-def training_state(step: int, cfg_hash: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                   scheduler, scaler: torch.amp.GradScaler, **extra) -> dict:
-    """The resume checkpoint after ``step`` optimiser steps; ``extra`` entries are stored as they are."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "step": step, "rng": rng_states(), "config_hash": cfg_hash, **extra}
 
 
 def rng_states() -> dict:
@@ -74,22 +70,12 @@ def restore_rank_state(state: dict, ranks: Ranks) -> dict:
 LOSS_WINDOW = 20  # steps averaged for the first/last losses of a training manifest
 
 
-def loss_summary(history: list[dict[str, float]]) -> dict[str, dict[str, float] | None]:
-    """The mean of each loss term over the first and the last ``LOSS_WINDOW`` steps (single steps are noisy)."""
+def loss_summary(history: list[dict[str, float]], window: int = LOSS_WINDOW) -> dict[str, dict[str, float] | None]:
+    """The mean of each loss term over the first and the last ``window`` steps (single steps are noisy)."""
     def mean(values: list[dict[str, float]]) -> dict[str, float] | None:
         return {key: float(np.mean([v[key] for v in values])) for key in values[0]} if values else None
 
-    return {"first_losses": mean(history[:LOSS_WINDOW]), "last_losses": mean(history[-LOSS_WINDOW:])}
-
-
-def report_step(progress, tracker, values: dict[str, float], lrs: dict[str, float], done: int, total: int,
-                log_every: int) -> None:
-    """Advance the progress bar with the step's loss; log its losses and learning rates to the tracker every
-    ``log_every`` steps and at the last step."""
-    progress.update(1)
-    progress.set_postfix(loss=f"{values['loss']:.4f}")
-    if done % log_every == 0 or done == total:
-        tracker.log_metrics({**values, **lrs}, step=done)
+    return {"first_losses": mean(history[:window]), "last_losses": mean(history[-window:])}
 
 
 def save_training_state(ckpt_dir: str, state: dict, keep: int) -> None:
@@ -117,14 +103,3 @@ def latest_training_state(ckpt_dir: str, cfg_hash: str) -> dict | None:
         raise ValueError(f"{url} was written with another config; remove {ckpt_dir} or use a new run name")
     log.info("resuming from step %d (%s)", state["step"], url)
     return state
-
-
-def restore_training_state(state: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                           scaler: torch.amp.GradScaler) -> int:
-    """Load a :func:`training_state` into the live objects and the global RNGs; returns its step."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    set_rng_states(state["rng"])
-    return int(state["step"])
