@@ -213,7 +213,7 @@ def train_stage(cfg: PipelineConfig, name: str) -> dict:
         raise ConfigError(f"{name} is not a training stage; training stages: {', '.join(TRAINING_STAGES)}")
     if not stage.enabled(cfg):
         raise ConfigError(f"{name} is not part of this configuration (make_pseudo_labels.method="
-                         f"{cfg.make_pseudo_labels.method})")
+                          f"{cfg.make_pseudo_labels.method})")
     check_wiring([stage], cfg)
     manifests = stage_inputs(cfg, stage)
     ranks = Ranks.from_env()
@@ -265,7 +265,7 @@ def sfc_pipeline(config: dict, stages: list[str] | None = None, start: str | Non
     selected = select_stages(stages, start)
     if stages and (disabled := [s.name for s in selected if not s.enabled(cfg)]):
         raise ConfigError(f"stage(s) {', '.join(disabled)} are not part of this configuration "
-                         f"(make_pseudo_labels.method={cfg.make_pseudo_labels.method})")
+                          f"(make_pseudo_labels.method={cfg.make_pseudo_labels.method})")
     check_wiring([s for s in selected if s.enabled(cfg)], cfg)
     run_dir = cfg.run_dir
     tracker = open_run(cfg, prefect_flow_run_id=str(flow_run.get_id()))

@@ -35,7 +35,7 @@ from storage import checkpoints, fs
 from storage.datasets.split_files import load_split_file, load_split_with_masks
 from storage.datasets.voc_layout import Split
 from storage.digests import file_digest
-from storage.errors import DataError
+from storage.errors import CheckpointError, DataError
 from storage.images import encode_mask_png, read_rgb
 from storage.plots import bar_chart_png, overlay_png
 from storage.reports import class_metrics, format_table
@@ -98,16 +98,17 @@ def load_segmenter(url: str, class_names: Sequence[str]) -> DeepLab:
     state = checkpoints.load(url)
     meta = state.get("meta")
     if not isinstance(meta, dict) or meta.get("kind") != "segmenter" or "model" not in state:
-        raise ValueError(f"{url}: not a segmentation checkpoint (no 'model' and segmenter 'meta')")
+        raise CheckpointError(f"{url}: not a segmentation checkpoint (no 'model' and segmenter 'meta')")
     if tuple(meta["class_names"]) != tuple(class_names):
-        raise ValueError(f"{url} was trained for {len(meta['class_names'])} classes ({_names(meta['class_names'])}); "
-                         f"the split has {len(class_names)} ({_names(class_names)})")
+        raise CheckpointError(f"{url} was trained for {len(meta['class_names'])} classes "
+                              f"({_names(meta['class_names'])}); the split has {len(class_names)} "
+                              f"({_names(class_names)})")
     model = DeepLab(len(class_names), meta["arch"], meta["backbone"], meta["norm"], meta["output_stride"],
                     meta.get("aspp_rates", V2_RATES))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
-        raise ValueError(f"{url} does not match a {meta['arch']} {meta['backbone']} segmenter: {err}") from None
+        raise CheckpointError(f"{url} does not match a {meta['arch']} {meta['backbone']} segmenter: {err}") from None
     return model.eval()
 
 

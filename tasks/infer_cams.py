@@ -81,7 +81,7 @@ def load_cam_network(checkpoint_url: str, class_names: tuple[str, ...],
         raise CheckpointError(f"{checkpoint_url}: not a CAM network checkpoint (no 'model' and 'meta')")
     if tuple(meta["class_names"]) != tuple(class_names):
         raise CheckpointError(f"{checkpoint_url} was trained for {len(meta['class_names']) - 1} classes "
-                         f"({', '.join(meta['class_names'][1:4])}, ...), the dataset has {len(class_names) - 1}")
+                              f"({', '.join(meta['class_names'][1:4])}, ...), the dataset has {len(class_names) - 1}")
     model = SFCNet(len(class_names) - 1, meta["backbone"], meta["trainable_from"], meta["bg_seed_scale"],
                    meta.get("norm", "frozen"))
     try:

@@ -75,7 +75,7 @@ def make_pseudo_labels(cfg: MakePseudoLabelsConfig, store_url: str, split_url: s
     tracker = tracker or Tracker.null()
     if cfg.method == "irn" and not irn_checkpoint_url:
         raise ConfigError("pseudo-label method 'irn' needs the IRN checkpoint (irn_checkpoint_url); "
-                         "use method 'crf' or 'none' without IRN")
+                          "use method 'crf' or 'none' without IRN")
     store, split = open_inputs(store_url, split_url)
     digest = claim_out_dir(out_dir, {"stage": "make_pseudo_labels",
                                      "config": cfg.model_dump(mode="json", exclude={"workers"}),

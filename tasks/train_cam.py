@@ -25,6 +25,7 @@ from storage import checkpoints, fs
 from storage.datasets.cam_training import CAMTrainingSet, FullImageSet
 from storage.datasets.split_files import load_split_file
 from storage.datasets.voc_layout import Split
+from storage.errors import ConfigError
 from storage.reports import class_metrics, format_table
 from storage.tracking import Tracker
 from tasks.engine import training
@@ -284,7 +285,7 @@ def train_cam(
         manifest["validation"] = json.loads(fs.read_text(fs.join(out_dir, VAL_SCORES)))["summary"]
     if cfg.selection == "best_gt":
         if selection["best_step"] is None:
-            raise ValueError(f"selection best_gt: no validated step scored above 0 on split {seed_split.name!r}")
+            raise ConfigError(f"selection best_gt: no validated step scored above 0 on split {seed_split.name!r}")
         manifest["checkpoint"] = best_url
         manifest["selection"] = {"split": seed_split.name, **selection}
     tracker.log_metrics({"train_seconds": trainer.seconds, "images_per_second": manifest["images_per_second"] or 0.0})
@@ -303,12 +304,12 @@ def _selection_plan(cfg: TrainCamConfig, seed_split_url: str | None,
     if cfg.selection != "best_gt":
         return None, []
     if not seed_split_url:
-        raise ValueError("train_cam.selection best_gt validates on the seed split (prepare_data.seed_split); none "
-                         "was given")
+        raise ConfigError("train_cam.selection best_gt validates on the seed split (prepare_data.seed_split); none "
+                          "was given")
     candidates = selection_steps(total_steps, cfg.validate_every)
     if not candidates:
-        raise ValueError(f"train_cam.selection best_gt: no step of {total_steps} is validated with validate_every="
-                         f"{cfg.validate_every} (the reference validates after steps k > 10 with (k - 1) % N == 0)")
+        raise ConfigError(f"train_cam.selection best_gt: no step of {total_steps} is validated with validate_every="
+                          f"{cfg.validate_every} (the reference validates after steps k > 10 with (k - 1) % N == 0)")
     return load_split_file(seed_split_url), candidates
 
 

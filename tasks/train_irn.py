@@ -28,6 +28,7 @@ from storage.datasets.voc_layout import Split
 from storage.tracking import Tracker
 from tasks.engine import training
 from tasks.engine.distributed import seeded_model
+from tasks.engine.irn_checkpoint import KIND
 from tasks.engine.resume import finished_manifest, loss_summary
 from tasks.engine.training import Checkpointer, Solver, StepLogger, StepResult, Trainer
 from tasks.runtime.context import RunContext
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "train_irn.json"
 FINAL = "irn.pt"
-KIND = "irn"
 
 
 class TrainIrnConfig(BaseModel):
@@ -90,24 +90,6 @@ def build_model(cfg: TrainIrnConfig) -> IRNet:
     if cfg.weights:
         load_backbone_weights(model.backbone, cfg.weights)
     return model
-
-
-def load_irn(checkpoint: str, device: str | torch.device = "cpu", backbone: str | None = None) -> IRNet:
-    """The trained IRN of ``checkpoint`` in eval mode; a file that is not an IRN checkpoint, or one on another
-    backbone than ``backbone`` (when given), is a ValueError naming it."""
-    state = checkpoints.load(checkpoint)
-    meta = state.get("meta") if isinstance(state, dict) else None
-    if not isinstance(meta, dict) or meta.get("kind") != KIND or not isinstance(state.get("model"), dict):
-        raise ValueError(f"{checkpoint}: not an IRN checkpoint (written by train_irn)")
-    if backbone is not None and meta.get("backbone") != backbone:
-        raise ValueError(f"{checkpoint}: an IRN on {meta.get('backbone')}, expected {backbone}")
-    model = IRNet(meta["backbone"])
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise ValueError(f"{checkpoint}: weights do not fit an IRN on {meta['backbone']} "
-                         f"({str(err).splitlines()[0]})") from err
-    return model.to(device).eval()
 
 
 @torch.no_grad()

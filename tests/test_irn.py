@@ -24,7 +24,8 @@ from storage.datasets.irn import IRNTrainingSet, augment_for_irn, ir_label_url
 from storage.datasets.split_files import load_split_file
 from storage.errors import DataError
 from storage.images import IGNORE_INDEX, read_mask, write_mask
-from tasks.train_irn import TrainIrnConfig, build_model, load_irn, train_irn
+from tasks.engine.irn_checkpoint import load_irn
+from tasks.train_irn import TrainIrnConfig, build_model, train_irn
 from tests.interrupt import kill_on_call
 from tests.synthetic_splits import synthetic_split_files
 

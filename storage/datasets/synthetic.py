@@ -410,7 +410,7 @@ def _check_arguments(num_images, seed, min_size, max_size, fractions: dict[str, 
             raise ConfigError(f"{name} must be a number in (0, 1), got {value!r}")
     if fractions["val_fraction"] + fractions["test_fraction"] >= 1:
         raise ConfigError(f"val_fraction + test_fraction must be below 1, got {fractions['val_fraction']} + "
-                         f"{fractions['test_fraction']}")
+                          f"{fractions['test_fraction']}")
 
 
 def _split_ids(rng: np.random.Generator, ids: list[str], val_fraction: float, test_fraction: float,
@@ -419,7 +419,7 @@ def _split_ids(rng: np.random.Generator, ids: list[str], val_fraction: float, te
     n_val, n_test = max(1, round(n * val_fraction)), max(1, round(n * test_fraction))
     if n - n_val - n_test < 1:
         raise ConfigError(f"val_fraction={val_fraction} and test_fraction={test_fraction} leave no train_aug images "
-                         f"out of num_images={n}")
+                          f"out of num_images={n}")
     perm = rng.permutation(n)
     val = sorted(ids[i] for i in perm[:n_val])
     test = sorted(ids[i] for i in perm[n_val:n_val + n_test])

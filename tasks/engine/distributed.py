@@ -18,6 +18,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler
 
+from storage.errors import ConfigError
+
 T = TypeVar("T")
 
 
@@ -28,7 +30,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class Ranks:
         """Read torchrun's ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (a single process when they are unset)."""
         ranks = cls(_env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0))
         if ranks.world_size < 1 or not 0 <= ranks.rank < ranks.world_size:
-            raise ValueError(f"RANK={ranks.rank} is not in [0, WORLD_SIZE={ranks.world_size})")
+            raise ConfigError(f"RANK={ranks.rank} is not in [0, WORLD_SIZE={ranks.world_size})")
         return ranks
 
     @property
@@ -136,7 +138,7 @@ def setup(device: torch.device) -> tuple[Ranks, torch.device]:
         device = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(device)
     elif device.type != "cpu":
-        raise ValueError(f"distributed training runs on CUDA or the CPU, not on {device}")
+        raise ConfigError(f"distributed training runs on CUDA or the CPU, not on {device}")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=ranks.rank,
                                 world_size=ranks.world_size)

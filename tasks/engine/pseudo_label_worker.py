@@ -18,7 +18,7 @@ from tasks.engine.label_maps import load_image_and_cams, write_labels
 @lru_cache(maxsize=1)
 def _irn_model(checkpoint_url: str, device: str):
     """The IRN network of a checkpoint, loaded once per process."""
-    from tasks.train_irn import load_irn
+    from tasks.engine.irn_checkpoint import load_irn
 
     return load_irn(checkpoint_url, device)
 

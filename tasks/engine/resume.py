@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from storage import checkpoints, fs
+from storage.errors import CheckpointError, ConfigError
 from tasks.engine.distributed import Ranks
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,9 @@ def restore_rank_state(state: dict, ranks: Ranks) -> dict:
     else the rank's entry of :func:`rank_states`. A checkpoint of another number of processes is an error."""
     saved = state.get("world_size", 1)
     if saved != ranks.world_size:
-        raise ValueError(f"the step checkpoint at step {state['step']} was written by {saved} training "
-                         f"process(es), this run has {ranks.world_size}: resume with {saved}, or remove the "
-                         "checkpoints to start over")
+        raise ConfigError(f"the step checkpoint at step {state['step']} was written by {saved} training "
+                          f"process(es), this run has {ranks.world_size}: resume with {saved}, or remove the "
+                          "checkpoints to start over")
     if not ranks.active:
         return state
     local = state["ranks"][ranks.rank]
@@ -100,6 +101,6 @@ def latest_training_state(ckpt_dir: str, cfg_hash: str) -> dict | None:
     else:
         return None
     if state.get("config_hash") != cfg_hash:
-        raise ValueError(f"{url} was written with another config; remove {ckpt_dir} or use a new run name")
+        raise CheckpointError(f"{url} was written with another config; remove {ckpt_dir} or use a new run name")
     log.info("resuming from step %d (%s)", state["step"], url)
     return state

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from storage import checkpoints, fs
+from storage.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
         return 0, 1
     match = _SHARD.match(shard)
     if not match or not int(match.group(1)) < int(match.group(2)):
-        raise ValueError(f"shard must look like i/n with 0 <= i < n, got {shard!r}")
+        raise ConfigError(f"shard must look like i/n with 0 <= i < n, got {shard!r}")
     return int(match.group(1)), int(match.group(2))
 
 

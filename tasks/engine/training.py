@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from storage import checkpoints, fs
 from storage.datasets.cam_training import EpochBatchSampler
-from storage.errors import TrainingDivergedError
+from storage.errors import CheckpointError, ConfigError, TrainingDivergedError
 from storage.tracking import Tracker
 from tasks.engine import distributed
 from tasks.engine.distributed import RankBatches, Ranks
@@ -52,8 +52,8 @@ def steps_per_epoch(num_items: int, batch_size: int, ranks: Ranks, source: str) 
     is an error naming ``source``."""
     steps = num_items // (batch_size * ranks.world_size)
     if steps == 0:
-        raise ValueError(f"{source}: {num_items} images, fewer than batch_size={batch_size} x {ranks.world_size} "
-                         "process(es)")
+        raise ConfigError(f"{source}: {num_items} images, fewer than batch_size={batch_size} x {ranks.world_size} "
+                          "process(es)")
     return steps
 
 
@@ -87,8 +87,8 @@ class Solver:
         else:
             missing, unexpected = self.model.load_state_dict(state["heads"], strict=False)
             if unexpected or any(not k.startswith(self.frozen_prefix) for k in missing):
-                raise ValueError(f"step checkpoint does not fit the model: missing {missing[:5]}, unexpected "
-                                 f"{unexpected[:5]}")
+                raise CheckpointError(f"step checkpoint does not fit the model: missing {missing[:5]}, unexpected "
+                                      f"{unexpected[:5]}")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None:

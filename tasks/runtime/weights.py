@@ -30,7 +30,7 @@ def unresolved_cam_weights(stage: str, url: str | None) -> None:
     """Fail clearly when a stage runs outside the flow with ``weights: cam``."""
     if url == CAM_WEIGHTS:
         raise ConfigError(f"{stage}.weights 'cam' is resolved by the pipeline flow; outside it give the path of the "
-                         f"CAM checkpoint")
+                          f"CAM checkpoint")
 
 
 Section = TypeVar("Section", bound=BaseModel)
