@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from models.backbone import fold_batchnorm
@@ -48,6 +48,7 @@ from tasks.engine.shards import shard_items
 from tasks.runtime.context import RunContext
 from tasks.runtime.device import resolve_device
 from tasks.runtime.manifests import Inputs
+from tasks.runtime.settings import Scales
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ class EvalSegConfig(BaseModel):
     sets deeplab-pytorch's protocol: ``test_size: null``, ``flip: false``)."""
 
     model_config = ConfigDict(extra="forbid")
-    scales: tuple[float, ...] = Field((0.5, 0.75, 1.0), description="input scales (deeplab MSC: 0.5, 0.75, 1.0)")
+    scales: Scales = Field((0.5, 0.75, 1.0), description="input scales (deeplab MSC: 0.5, 0.75, 1.0)")
     fusion: Literal[FUSIONS] = Field(  # type: ignore[valid-type]
         "max", description="how the scales' logits are fused (deeplab MSC: max)")
     flip: bool = Field(True, description="also run each scale's horizontal flip and average the logits")
@@ -78,13 +79,6 @@ class EvalSegConfig(BaseModel):
     num_workers: int = Field(2, ge=0, description="DataLoader processes decoding images")
     amp: bool = Field(False, description="fp16 autocast + channels_last (CUDA only)")
     overlays: int = Field(6, ge=0, description="validation images drawn as image | GT | no CRF | CRF")
-
-    @field_validator("scales")
-    @classmethod
-    def _positive_scales(cls, scales: tuple[float, ...]) -> tuple[float, ...]:
-        if not scales or any(s <= 0 for s in scales):
-            raise ValueError(f"scales must be a non-empty list of positive numbers, got {list(scales)}")
-        return scales
 
     @property
     def prediction(self) -> SegPrediction:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -27,28 +27,21 @@ from tasks.runtime.context import RunContext
 from tasks.runtime.device import resolve_device
 from tasks.runtime.hashing import config_hash
 from tasks.runtime.manifests import Inputs
+from tasks.runtime.settings import Scales
 
 log = logging.getLogger(__name__)
-
 
 
 class InferCamsConfig(BaseModel):
     """CAM inference (docs/method.md section 6)."""
 
     model_config = ConfigDict(extra="forbid")
-    scales: tuple[float, ...] = DEFAULT_SCALES
+    scales: Scales = DEFAULT_SCALES
     num_workers: int = Field(2, ge=0)
     amp: bool = Field(False, description="fp16 autocast on CUDA (parity tests and CPU runs use fp32)")
     cpu_streams: int = Field(0, ge=0, description="CPU: images computed at once, each with threads/streams "
                                                   "intra-op threads; 0 = one per intra-op thread")
     compressor: str = "blosc-lz4"
-
-    @field_validator("scales")
-    @classmethod
-    def _positive_scales(cls, scales: tuple[float, ...]) -> tuple[float, ...]:
-        if not scales or any(s <= 0 for s in scales):
-            raise ValueError(f"scales must be a non-empty list of positive numbers, got {list(scales)}")
-        return scales
 
 
 def union_of_splits(splits: list[Split]) -> Split:

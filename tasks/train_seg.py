@@ -33,6 +33,7 @@ from tasks.runtime.context import RunContext
 from tasks.runtime.device import amp_enabled
 from tasks.runtime.hashing import config_hash
 from tasks.runtime.manifests import Inputs
+from tasks.runtime.settings import Scales
 from tasks.runtime.weights import load_backbone_weights, resolve_cam_weights, unresolved_cam_weights
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class TrainSegConfig(BaseModel):
     msc_scales: tuple[float, ...] = Field(
         MSC_SCALES, description="MSC training: extra input scales whose logits (and their max) are also supervised")
     crop: int = Field(321, ge=16)
-    scales: tuple[float, ...] = Field(
+    scales: Scales = Field(
         SEG_SCALES, description="scale augmentation: one factor per crop, drawn uniformly from this set (deeplab)")
     scale_range: tuple[float, float] | None = Field(
         None, description="when set, the factor is drawn from U(low, high) instead of from scales (deviation)")
@@ -96,13 +97,6 @@ class TrainSegConfig(BaseModel):
     def _msc_scales(cls, scales: tuple[float, ...]) -> tuple[float, ...]:
         if any(not 0 < s < 1 for s in scales):
             raise ValueError(f"msc_scales must lie in (0, 1), got {list(scales)}")
-        return scales
-
-    @field_validator("scales")
-    @classmethod
-    def _scales(cls, scales: tuple[float, ...]) -> tuple[float, ...]:
-        if not scales or any(s <= 0 for s in scales):
-            raise ValueError(f"scales must be a non-empty list of positive numbers, got {list(scales)}")
         return scales
 
     @model_validator(mode="after")

@@ -70,3 +70,11 @@ def test_renamed_sections_still_load_with_a_warning(tmp_path, caplog):
     old.write_text("data:\n  kind: synthetic\nprepare_data:\n  kind: synthetic\n")
     with pytest.raises(ConfigError, match="sections 'data' and 'prepare_data' are the same"):
         load_config(str(old))
+
+
+def test_scales_are_checked_in_every_section():
+    with pytest.raises(ConfigError) as err:
+        load_config(str(CONFIGS / "synthetic.yaml"), ["eval_seg.scales=[]", "infer_cams.scales=[-1]",
+                                                      "train_seg.scales=[0]"])
+    for section in ("eval_seg", "infer_cams", "train_seg"):
+        assert f"{section}.scales: scales must be a non-empty list of positive numbers" in str(err.value)
