@@ -149,8 +149,7 @@ def _log_results(results: dict, summary: dict, split_name: str, out_dir: str, ov
 
 
 def arguments(cfg: EvalCamConfig, run: RunContext, inputs: Inputs) -> dict[str, Any]:
-    """The stage function's arguments in a pipeline run (less the tracker): its config section, its folder in the run
-    directory and what it reads of its inputs' manifests."""
+    """The stage function's keyword arguments in a pipeline run, less the tracker."""
     return {"cfg": cfg, "store_url": inputs["infer_cams"]["store"],
             "split_url": inputs["prepare_data"]["splits"]["seed"],
             "out_dir": run.out_dir("eval_cam")}

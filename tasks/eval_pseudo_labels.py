@@ -123,8 +123,7 @@ def _overlay_name(name: str, image_id: str) -> str:
 
 
 def arguments(cfg: None, run: RunContext, inputs: Inputs) -> dict[str, Any]:
-    """The stage function's arguments in a pipeline run (less the tracker): its config section, its folder in the run
-    directory and what it reads of its inputs' manifests."""
+    """The stage function's keyword arguments in a pipeline run, less the tracker."""
     return {"split_url": inputs["prepare_data"]["splits"]["seed"],
             "label_dir": inputs["make_pseudo_labels"]["out_dir"],
             "out_dir": run.out_dir("eval_pseudo_labels")}

@@ -303,8 +303,7 @@ def _log_results(results: dict, summary: dict, out_dir: str, overlays: dict[str,
 
 
 def arguments(cfg: EvalSegConfig, run: RunContext, inputs: Inputs) -> dict[str, Any]:
-    """The stage function's arguments in a pipeline run (less the tracker): its config section, its folder in the run
-    directory and what it reads of its inputs' manifests."""
+    """The stage function's keyword arguments in a pipeline run, less the tracker."""
     splits = inputs["prepare_data"]["splits"]
     return {"cfg": cfg, "checkpoint_url": inputs["train_seg"]["checkpoint"], "val_split_url": splits["val"],
             "test_split_url": splits.get("test"), "out_dir": run.out_dir("eval_seg"), "device": run.device}

@@ -139,8 +139,7 @@ def store_url(run: RunContext) -> str:
 
 
 def arguments(cfg: InferCamsConfig, run: RunContext, inputs: Inputs) -> dict[str, Any]:
-    """The stage function's arguments in a pipeline run (less the tracker): its config section, its folder in the run
-    directory and what it reads of its inputs' manifests."""
+    """The stage function's keyword arguments in a pipeline run, less the tracker."""
     return {"cfg": cfg, "checkpoint_url": inputs["train_cam"]["checkpoint"],
             "split_urls": [inputs["prepare_data"]["splits"]["train"]], "store_url": store_url(run),
             "device": run.device}

@@ -52,8 +52,7 @@ def make_ir_labels(cfg: MakeIrLabelsConfig, store_url: str, split_url: str, out_
 
 
 def arguments(cfg: MakeIrLabelsConfig, run: RunContext, inputs: Inputs) -> dict[str, Any]:
-    """The stage function's arguments in a pipeline run (less the tracker): its config section, its folder in the run
-    directory and what it reads of its inputs' manifests."""
+    """The stage function's keyword arguments in a pipeline run, less the tracker."""
     return {"cfg": cfg, "store_url": inputs["infer_cams"]["store"],
             "split_url": inputs["prepare_data"]["splits"]["train"],
             "out_dir": run.out_dir("make_ir_labels")}

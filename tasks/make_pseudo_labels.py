@@ -99,8 +99,7 @@ def make_pseudo_labels(cfg: MakePseudoLabelsConfig, store_url: str, split_url: s
 
 
 def arguments(cfg: MakePseudoLabelsConfig, run: RunContext, inputs: Inputs) -> dict[str, Any]:
-    """The stage function's arguments in a pipeline run (less the tracker): its config section, its folder in the run
-    directory and what it reads of its inputs' manifests."""
+    """The stage function's keyword arguments in a pipeline run, less the tracker."""
     irn = inputs.get("train_irn")
     return {"cfg": cfg, "store_url": inputs["infer_cams"]["store"],
             "split_url": inputs["prepare_data"]["splits"]["train"],

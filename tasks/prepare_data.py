@@ -155,8 +155,7 @@ def prepare_data(cfg: PrepareDataConfig, out_dir: str, cache_dir: str, tracker: 
 
 
 def arguments(cfg: PrepareDataConfig, run: RunContext, inputs: Inputs) -> dict[str, Any]:
-    """The stage function's arguments in a pipeline run (less the tracker): its config section, its folder in the run
-    directory and what it reads of its inputs' manifests."""
+    """The stage function's keyword arguments in a pipeline run, less the tracker."""
     return {"cfg": cfg, "out_dir": run.out_dir("prepare_data"), "cache_dir": run.cache_dir}
 
 prepare_data_task = task(prepare_data, name="prepare_data", cache_policy=NO_CACHE)

@@ -348,8 +348,7 @@ def _validate(model: SFCNet, split: Split, device: torch.device, cfg: TrainCamCo
 
 
 def arguments(cfg: TrainCamConfig, run: RunContext, inputs: Inputs) -> dict[str, Any]:
-    """The stage function's arguments in a pipeline run (less the tracker): its config section, its folder in the run
-    directory and what it reads of its inputs' manifests."""
+    """The stage function's keyword arguments in a pipeline run, less the tracker."""
     splits = inputs["prepare_data"]["splits"]
     return {"cfg": cfg, "train_split_url": splits["train"], "val_split_url": splits["val"],
             "seed_split_url": splits.get("seed"), "out_dir": run.out_dir("train_cam"), "seed": run.seed,

@@ -189,8 +189,7 @@ def train_irn(
 
 
 def arguments(cfg: TrainIrnConfig, run: RunContext, inputs: Inputs) -> dict[str, Any]:
-    """The stage function's arguments in a pipeline run (less the tracker): its config section, its folder in the run
-    directory and what it reads of its inputs' manifests."""
+    """The stage function's keyword arguments in a pipeline run, less the tracker."""
     return {"cfg": resolve_cam_weights(cfg, inputs), "ir_label_dir": inputs["make_ir_labels"]["out_dir"],
             "split_url": inputs["prepare_data"]["splits"]["train"], "out_dir": run.out_dir("train_irn"),
             "seed": run.seed, "device": run.device}

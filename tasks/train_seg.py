@@ -250,8 +250,7 @@ def _validate(model: torch.nn.Module, split: Split, cfg: TrainSegConfig, device:
 
 
 def arguments(cfg: TrainSegConfig, run: RunContext, inputs: Inputs) -> dict[str, Any]:
-    """The stage function's arguments in a pipeline run (less the tracker): its config section, its folder in the run
-    directory and what it reads of its inputs' manifests."""
+    """The stage function's keyword arguments in a pipeline run, less the tracker."""
     splits = inputs["prepare_data"]["splits"]
     return {"cfg": resolve_cam_weights(cfg, inputs), "train_split_url": splits["train"],
             "pseudo_label_dir": inputs["make_pseudo_labels"]["out_dir"], "val_split_url": splits["val"],
