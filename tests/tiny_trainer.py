@@ -64,5 +64,6 @@ def rank_worker(rank: int, port: int, out_dir: str, report_dir: str) -> None:
         message = "no error"
     except TrainingDivergedError as err:
         message = str(err)
-    distributed.cleanup()
     Path(report_dir, f"rank{rank}.json").write_text(json.dumps(message))
+    torch.distributed.barrier()  # both ranks are past the training before either destroys the process group
+    distributed.cleanup()
