@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from flows.config import PipelineConfig
+from flows.stages import STAGE_NAMES, TRAINING_STAGES, select_stages
 from storage import fs
 from storage.datasets.catalog import DEFAULT_CLASSES
 from storage.datasets.voc_layout import MASK_FOLDERS, TRAIN_AUG, VOCLayoutDataset
@@ -29,7 +30,6 @@ from tasks.runtime.weights import CAM_WEIGHTS, load_backbone_weights
 STORE_RATIO = 0.35
 SIZE_SAMPLE = 200  # images whose size is read to estimate the store's size
 VOC_TRAIN_AUG = 10582  # train_aug of the official VOC2012 + SBD downloads
-TRAINING = ("train_cam", "train_irn", "train_seg")
 
 
 @dataclass
@@ -47,8 +47,6 @@ class DryRun:
 
 
 def _selected(cfg: PipelineConfig, stages: Sequence[str] | None, start: str | None) -> list[str]:
-    from flows.stages import select_stages
-
     return [s.name for s in select_stages(list(stages) if stages else None, start) if s.enabled(cfg)]
 
 
@@ -60,7 +58,7 @@ def _weights(cfg: PipelineConfig, stage: str) -> str | None:
 def weights_problems(cfg: PipelineConfig, stages: Sequence[str] | None = None, start: str | None = None) -> list[str]:
     """A message for every weights file that the selected training stages name and that does not exist."""
     selected = _selected(cfg, stages, start)
-    return [f"{stage}.weights: weights file {url} does not exist" for stage in TRAINING
+    return [f"{stage}.weights: weights file {url} does not exist" for stage in TRAINING_STAGES
             if stage in selected and (url := _weights(cfg, stage)) and not fs.exists(url)]
 
 
@@ -81,7 +79,7 @@ def _load_weights(cfg: PipelineConfig, stage: str, num_classes: int) -> None:
 
 def _check_weights(cfg: PipelineConfig, selected: list[str], num_classes: int, report: DryRun) -> None:
     report.lines.append("weights:")
-    for stage in (s for s in TRAINING if s in selected):
+    for stage in (s for s in TRAINING_STAGES if s in selected):
         url = _weights(cfg, stage)
         if getattr(cfg, stage).weights == CAM_WEIGHTS:
             report.lines.append(f"  {stage}.weights: the backbone of this run's trained CAM network")
@@ -234,8 +232,6 @@ def _size(num_bytes: float) -> str:
 def dry_run(cfg: PipelineConfig, stages: Sequence[str] | None = None, start: str | None = None) -> DryRun:
     """Check the data folder, the weights files and the device; describe the stages the run would execute."""
     from flows.runs import run_status
-    from flows.stages import STAGE_NAMES
-
     report = DryRun([f"dry run of {cfg.run.name} in {cfg.run_dir} (config {cfg.digest()}): nothing is run"])
     try:
         selected, enabled = _selected(cfg, stages, start), _selected(cfg, None, None)

@@ -25,7 +25,15 @@ from pydantic import BaseModel
 from flows import records
 from flows.config import PipelineConfig, load_config
 from flows.dry_run import weights_problems
-from flows.stages import STAGE_BY_NAME, STAGES, Stage, check_manifest, check_wiring, select_stages
+from flows.stages import (
+    STAGE_BY_NAME,
+    STAGES,
+    TRAINING_STAGES,
+    Stage,
+    check_manifest,
+    check_wiring,
+    select_stages,
+)
 from storage import fs
 from storage.errors import ConfigError
 from storage.tracking import Tracker, open_tracker
@@ -35,7 +43,6 @@ from tasks.engine.shards import all_shards
 log = logging.getLogger(__name__)
 
 TRANSIENT_ERRORS = (TimeoutError, ConnectionError, InterruptedError, BlockingIOError)
-TRAINING_STAGES = ("train_cam", "train_irn", "train_seg")  # their final weights go to MLflow; torchrun-able
 
 
 def git_commit() -> str:

@@ -113,6 +113,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(eval_seg, ("prepare_data", "train_seg"), merge=_merge_with_arguments(eval_seg.merge_seg_eval)),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
+TRAINING_STAGES = ("train_cam", "train_irn", "train_seg")  # final weights go to MLflow; runnable under torchrun
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
 
 
