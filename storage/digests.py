@@ -80,5 +80,6 @@ def combined_digest(digests: dict[str, str | None]) -> str:
 
 
 def damaged_units(digests: dict[str, str | None]) -> list[str]:
-    """The units that are gone or whose content no longer matches the recorded digest."""
-    return [url for url, digest in digests.items() if unit_digest(url) != digest]
+    """The units that are gone, that were already gone when they were recorded (digest None), or whose content no
+    longer matches the recorded digest."""
+    return [url for url, digest in digests.items() if digest is None or unit_digest(url) != digest]

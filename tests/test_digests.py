@@ -64,3 +64,10 @@ def test_combined_digest_follows_content_and_location():
     assert combined_digest(one) == combined_digest(dict(reversed(one.items())))
     assert combined_digest(one) != combined_digest({**one, "run/b.png": "3"})
     assert combined_digest(one) != combined_digest({"other/a.png": "1", "other/b.png": "2"})
+
+
+def test_a_unit_gone_while_it_was_recorded_counts_as_damaged(root):
+    url = fs.join(root, "labels")
+    fs.write_bytes(fs.join(url, "a.png"), b"a")
+    digests = {**content_digests([url]), fs.join(url, "b.png"): None}  # b vanished between listing and hashing
+    assert damaged_units(digests) == [fs.join(url, "b.png")]
