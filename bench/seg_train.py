@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.modes import compare_modes, write_report  # noqa: E402
 from models.deeplab import MSC_SCALES, DeepLab, msc_cross_entropy, msc_outputs  # noqa: E402
 from models.optim import poly_schedule  # noqa: E402
 
@@ -138,16 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.mode:
         print(json.dumps(run_mode(args)))
         return
-    results = {}
-    for mode in ("fp32", "mixed"):
-        if args.in_process:
-            results[mode] = run_mode(argparse.Namespace(**{**vars(args), "mode": mode}))
-            continue
-        cmd = [sys.executable, __file__, "--mode", mode, "--device", args.device, "--arch", args.arch,
-               "--backbone", args.backbone, "--batch", str(args.batch), "--iter-size", str(args.iter_size),
-               "--size", str(args.size), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results[mode] = json.loads(out.strip().splitlines()[-1])
+    results = compare_modes(__file__, args, run_mode, [
+        "--device", args.device, "--arch", args.arch, "--backbone", args.backbone, "--batch", str(args.batch),
+        "--iter-size", str(args.iter_size), "--size", str(args.size), "--steps", str(args.steps),
+        "--warmup", str(args.warmup)])
     speedup = results["mixed"]["iterations_per_second"] / results["fp32"]["iterations_per_second"]
     first = results["fp32"]["first_step_loss"], results["mixed"]["first_step_loss"]
     report = {
@@ -160,11 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         "first_loss_relative_difference": abs(first[0] - first[1]) / max(abs(first[0]), 1e-12),
         "load_average": os.getloadavg()[0], "cpu_count": os.cpu_count(),
     }
-    out = Path(args.out or ROOT / "bench" / "results" / f"seg_train-{'gpu' if on_gpu else 'cpu'}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
-
+    write_report(report, args.out, ROOT / "bench" / "results" / f"seg_train-{'gpu' if on_gpu else 'cpu'}.json")
 
 if __name__ == "__main__":
     main()

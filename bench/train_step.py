@@ -14,7 +14,6 @@ import argparse
 import json
 import platform
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.modes import compare_modes, write_report  # noqa: E402
 from models.image_bank import ImageBank  # noqa: E402
 from models.losses import sfc_step_losses  # noqa: E402
 from models.optim import poly_sgd  # noqa: E402
@@ -115,16 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.mode:
         print(json.dumps(run_mode(args)))
         return
-    results = {}
-    for mode in ("fp32", "mixed"):
-        if args.in_process:
-            results[mode] = run_mode(argparse.Namespace(**{**vars(args), "mode": mode}))
-            continue
-        cmd = [sys.executable, __file__, "--mode", mode, "--device", args.device, "--backbone", args.backbone,
-               "--batch", str(args.batch), "--size", str(args.size), "--steps", str(args.steps),
-               "--warmup", str(args.warmup)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results[mode] = json.loads(out.strip().splitlines()[-1])
+    results = compare_modes(__file__, args, run_mode, [
+        "--device", args.device, "--backbone", args.backbone, "--batch", str(args.batch), "--size", str(args.size),
+        "--steps", str(args.steps), "--warmup", str(args.warmup)])
     a, b = results["fp32"]["first_step_losses"], results["mixed"]["first_step_losses"]
     report = {
         "device": torch.cuda.get_device_name() if on_gpu else platform.processor() or platform.machine(),
@@ -133,11 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         "mixed_speedup": results["mixed"]["images_per_second"] / results["fp32"]["images_per_second"],
         "loss_max_relative_difference": max(abs(a[k] - b[k]) / max(abs(a[k]), 1e-12) for k in a),
     }
-    out = Path(args.out or ROOT / "bench" / "results" / f"train_step-{'gpu' if on_gpu else 'cpu'}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
-
+    write_report(report, args.out, ROOT / "bench" / "results" / f"train_step-{'gpu' if on_gpu else 'cpu'}.json")
 
 if __name__ == "__main__":
     main()
