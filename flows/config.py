@@ -124,18 +124,25 @@ class PipelineConfig(BaseModel):
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
 
 
+def section_name(name: str) -> str:
+    """The current name of a config section: a section of an earlier release under its stage's name, with a
+    deprecation warning."""
+    if name not in RENAMED_SECTIONS:
+        return name
+    log.warning("config section %r is deprecated; call it %r (the name of its stage)", name, RENAMED_SECTIONS[name])
+    return RENAMED_SECTIONS[name]
+
+
 def rename_sections(tree: dict) -> dict:
-    """``tree`` with the sections of earlier releases under their stage's name, each with a deprecation warning;
-    a section given under both names is an error."""
-    tree = dict(tree)
-    for old, new in RENAMED_SECTIONS.items():
-        if old not in tree:
-            continue
-        if new in tree:
-            raise ConfigError(f"sections {old!r} and {new!r} are the same; keep only {new!r}")
-        log.warning("config section %r is deprecated; call it %r (the name of its stage)", old, new)
-        tree[new] = tree.pop(old)
-    return tree
+    """``tree`` with the sections of earlier releases under their stage's name (see :func:`section_name`); a
+    section given under both names is an error."""
+    renamed: dict = {}
+    for name, section in tree.items():
+        current = section_name(name)
+        if current in renamed or (current != name and current in tree):
+            raise ConfigError(f"sections {name!r} and {current!r} are the same; keep only {current!r}")
+        renamed[current] = section
+    return renamed
 
 
 def default_tracking_uri(root: str) -> str:
@@ -158,10 +165,8 @@ def apply_override(tree: dict, assignment: str) -> None:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {assignment!r} must look like section.key=value")
     *parents, leaf = key.split(".")
-    if parents and parents[0] in RENAMED_SECTIONS:
-        log.warning("config section %r is deprecated; call it %r (the name of its stage)", parents[0],
-                    RENAMED_SECTIONS[parents[0]])
-        parents[0] = RENAMED_SECTIONS[parents[0]]
+    if parents:
+        parents[0] = section_name(parents[0])
     node = tree
     for part in parents:
         child = node.setdefault(part, {})

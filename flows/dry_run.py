@@ -232,6 +232,7 @@ def _size(num_bytes: float) -> str:
 def dry_run(cfg: PipelineConfig, stages: Sequence[str] | None = None, start: str | None = None) -> DryRun:
     """Check the data folder, the weights files and the device; describe the stages the run would execute."""
     from flows.runs import run_status
+
     report = DryRun([f"dry run of {cfg.run.name} in {cfg.run_dir} (config {cfg.digest()}): nothing is run"])
     try:
         selected, enabled = _selected(cfg, stages, start), _selected(cfg, None, None)

@@ -154,4 +154,5 @@ def arguments(cfg: EvalCamConfig, run: RunContext, inputs: Inputs) -> dict[str, 
             "split_url": inputs["prepare_data"]["splits"]["seed"],
             "out_dir": run.out_dir("eval_cam")}
 
+
 eval_cam_task = task(eval_cam, name="eval_cam", cache_policy=NO_CACHE)

@@ -128,4 +128,5 @@ def arguments(cfg: None, run: RunContext, inputs: Inputs) -> dict[str, Any]:
             "label_dir": inputs["make_pseudo_labels"]["out_dir"],
             "out_dir": run.out_dir("eval_pseudo_labels")}
 
+
 eval_pseudo_labels_task = task(eval_pseudo_labels, name="eval_pseudo_labels", cache_policy=NO_CACHE)

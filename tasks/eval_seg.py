@@ -308,4 +308,5 @@ def arguments(cfg: EvalSegConfig, run: RunContext, inputs: Inputs) -> dict[str, 
     return {"cfg": cfg, "checkpoint_url": inputs["train_seg"]["checkpoint"], "val_split_url": splits["val"],
             "test_split_url": splits.get("test"), "out_dir": run.out_dir("eval_seg"), "device": run.device}
 
+
 eval_seg_task = task(eval_seg, name="eval_seg", cache_policy=NO_CACHE)

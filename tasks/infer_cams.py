@@ -144,4 +144,5 @@ def arguments(cfg: InferCamsConfig, run: RunContext, inputs: Inputs) -> dict[str
             "split_urls": [inputs["prepare_data"]["splits"]["train"]], "store_url": store_url(run),
             "device": run.device}
 
+
 infer_cams_task = task(infer_cams, name="infer_cams", cache_policy=NO_CACHE)

@@ -57,4 +57,5 @@ def arguments(cfg: MakeIrLabelsConfig, run: RunContext, inputs: Inputs) -> dict[
             "split_url": inputs["prepare_data"]["splits"]["train"],
             "out_dir": run.out_dir("make_ir_labels")}
 
+
 make_ir_labels_task = task(make_ir_labels, name="make_ir_labels", cache_policy=NO_CACHE)

@@ -106,4 +106,5 @@ def arguments(cfg: MakePseudoLabelsConfig, run: RunContext, inputs: Inputs) -> d
             "out_dir": run.out_dir("make_pseudo_labels"), "device": run.device,
             "irn_checkpoint_url": irn["checkpoint"] if irn else None}
 
+
 make_pseudo_labels_task = task(make_pseudo_labels, name="make_pseudo_labels", cache_policy=NO_CACHE)

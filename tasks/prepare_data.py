@@ -158,4 +158,5 @@ def arguments(cfg: PrepareDataConfig, run: RunContext, inputs: Inputs) -> dict[s
     """The stage function's keyword arguments in a pipeline run, less the tracker."""
     return {"cfg": cfg, "out_dir": run.out_dir("prepare_data"), "cache_dir": run.cache_dir}
 
+
 prepare_data_task = task(prepare_data, name="prepare_data", cache_policy=NO_CACHE)

@@ -354,4 +354,5 @@ def arguments(cfg: TrainCamConfig, run: RunContext, inputs: Inputs) -> dict[str,
             "seed_split_url": splits.get("seed"), "out_dir": run.out_dir("train_cam"), "seed": run.seed,
             "device": run.device}
 
+
 train_cam_task = task(train_cam, name="train_cam", cache_policy=NO_CACHE)

@@ -194,4 +194,5 @@ def arguments(cfg: TrainIrnConfig, run: RunContext, inputs: Inputs) -> dict[str,
             "split_url": inputs["prepare_data"]["splits"]["train"], "out_dir": run.out_dir("train_irn"),
             "seed": run.seed, "device": run.device}
 
+
 train_irn_task = task(train_irn, name="train_irn", cache_policy=NO_CACHE)

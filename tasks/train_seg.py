@@ -256,4 +256,5 @@ def arguments(cfg: TrainSegConfig, run: RunContext, inputs: Inputs) -> dict[str,
             "pseudo_label_dir": inputs["make_pseudo_labels"]["out_dir"], "val_split_url": splits["val"],
             "out_dir": run.out_dir("train_seg"), "seed": run.seed, "device": run.device}
 
+
 train_seg_task = task(train_seg, name="train_seg", cache_policy=NO_CACHE)

@@ -12,14 +12,13 @@ from PIL import Image
 from models.crf import CrfParams
 from models.pseudo_labels import RandomWalkParams, cam_labels, crf_labels, random_walk_labels
 from storage.datasets.cam_training import normalized_tensor
+from tasks.engine.irn_checkpoint import load_irn
 from tasks.engine.label_maps import load_image_and_cams, write_labels
 
 
 @lru_cache(maxsize=1)
 def _irn_model(checkpoint_url: str, device: str):
     """The IRN network of a checkpoint, loaded once per process."""
-    from tasks.engine.irn_checkpoint import load_irn
-
     return load_irn(checkpoint_url, device)
 
 
