@@ -213,7 +213,10 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
-        tree = rename_sections(tree)
+        try:
+            tree = rename_sections(tree)
+        except ConfigError as err:
+            raise ConfigError(f"config file {path}: {err}") from None
     for assignment in overrides:
         apply_override(tree, assignment)
     try:

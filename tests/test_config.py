@@ -68,7 +68,7 @@ def test_renamed_sections_still_load_with_a_warning(tmp_path, caplog):
     assert any("'data' is deprecated; call it 'prepare_data'" in m for m in deprecated)
     assert any("'pseudo_labels' is deprecated; call it 'make_pseudo_labels'" in m for m in deprecated)
     old.write_text("data:\n  kind: synthetic\nprepare_data:\n  kind: synthetic\n")
-    with pytest.raises(ConfigError, match="sections 'data' and 'prepare_data' are the same"):
+    with pytest.raises(ConfigError, match=f"config file {old}: sections 'data' and 'prepare_data' are the same"):
         load_config(str(old))
 
 
