@@ -110,18 +110,43 @@ def status(run_name: str, root: str, verify: bool) -> None:
 @main.command()
 @click.option("--root", default="runs", show_default=True, help="the runs folder (its mlflow.db)")
 @click.option("--port", default=5000, show_default=True, type=int)
-def ui(root: str, port: int) -> None:
+@click.option("--experiment", "experiment_name", default="sfc", show_default=True,
+              help="the experiment whose runs table link is printed")
+def ui(root: str, port: int, experiment_name: str) -> None:
     """Start the MLflow UI on the runs folder's store (http://127.0.0.1:PORT). Ctrl-C, SIGTERM or SIGHUP stop the
     server with all its processes."""
     from flows.config import default_tracking_uri
-    from flows.runs import mlflow_server_command
+    from flows.headline import runs_table_url
+    from flows.runs import experiment_id, mlflow_server_command
     from storage.tracking import prepare_store
 
     _check_port_free(port)
     uri = default_tracking_uri(root)
     prepare_store(uri)  # a new store is created under its lock, not by the server racing a starting run
     command, env = mlflow_server_command(root, port)
-    click.echo(f"MLflow UI on http://127.0.0.1:{port} for {uri} (Ctrl-C stops it)")
+    base = f"http://127.0.0.1:{port}"
+    click.echo(f"MLflow UI on {base} for {uri} (Ctrl-C stops it)")
+    if (experiment := experiment_id(uri, experiment_name)) is not None:
+        click.echo(f"runs table with the headline figures: {runs_table_url(base, experiment)}")
+    _serve_until_stopped(command, env)
+
+
+@main.command()
+@click.option("--port", default=4200, show_default=True, type=int)
+def server(port: int) -> None:
+    """Start a Prefect server (API and UI on http://127.0.0.1:PORT) on this folder's Prefect home, where the flow
+    runs of `sfc run` are kept: they stay browsable after the runs end. Runs started with PREFECT_API_URL set to
+    the printed URL report to it live."""
+    from flows.runs import prefect_server_command
+
+    _check_port_free(port)
+    command, env = prefect_server_command(port)
+    click.echo(f"Prefect UI on http://127.0.0.1:{port}/runs for the flow runs in {env['PREFECT_HOME']} "
+               f"(Ctrl-C stops it); in another shell:\n  export PREFECT_API_URL=http://127.0.0.1:{port}/api")
+    _serve_until_stopped(command, env)
+
+
+def _serve_until_stopped(command: list[str], env: dict[str, str]) -> None:
     try:
         returncode = _serve(command, env)
     except _Stop as stop:  # end as the signal ends a process, for whoever waits on this one
@@ -129,6 +154,52 @@ def ui(root: str, port: int) -> None:
         os.kill(os.getpid(), stop.signum)
         raise SystemExit(128 + stop.signum) from None
     raise SystemExit(returncode if returncode >= 0 else 128 - returncode)
+
+
+@main.command()
+@click.argument("run_names", metavar="RUN_A RUN_B [RUN ...]", nargs=-1, required=True)
+@click.option("--root", default="runs", show_default=True, help="the runs folder")
+@click.option("--out", default=None, help="per-class bar chart PNG [default: ROOT/compare-RUN_A-RUN_B.png]")
+def compare(run_names: tuple[str, ...], root: str, out: str | None) -> None:
+    """Compare runs (names or MLflow run ids): each stage's headline figure, per-class IoU deltas against the
+    first run, the settings that differ, and a per-class bar chart. Reads the run records; runs nothing."""
+    from flows.compare import compare as compare_runs
+    from flows.compare import comparison_chart, format_comparison
+    from storage import fs
+
+    if len(run_names) < 2:
+        raise ConfigError("give at least two runs to compare")
+    comparison = compare_runs([_locate(name, root) for name in run_names])
+    click.echo(format_comparison(comparison))
+    if (png := comparison_chart(comparison)) is not None:
+        out = out or fs.join(root, f"compare-{'-'.join(comparison.names)}.png")
+        fs.write_bytes(out, png)
+        click.echo(f"\nper-class chart: {out}")
+
+
+@main.command()
+@click.argument("run_name", metavar="RUN")
+@click.option("--root", default="runs", show_default=True, help="the runs folder")
+@click.option("--check", is_flag=True, help="also load it in headless Chromium and check that every picture loads")
+def report(run_name: str, root: str, check: bool) -> None:
+    """Write the run's HTML report (RUN_DIR/report.html, also logged to its MLflow run) from the files its stages
+    wrote, and print its path. A partial run's report shows what exists and names the missing stages."""
+    from flows.report import publish_report
+
+    cfg = _locate(run_name, root)
+    url, mlflow_run = publish_report(cfg)
+    if mlflow_run is None:
+        click.echo(f"(no MLflow run of {cfg.run.name} in {cfg.tracking_uri()}: the report is not logged there)",
+                   err=True)
+    if check:
+        from flows.browser import check_page
+
+        result = check_page(url)
+        click.echo(f"{result.images - result.broken} of {result.images} pictures load in headless Chromium",
+                   err=True)
+        if result.broken:
+            raise SystemExit(1)
+    click.echo(url)
 
 
 def _check_port_free(port: int) -> None:

@@ -70,8 +70,18 @@ class RunConfig(BaseModel):
 class TrackingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     uri: str | None = Field(None, description="MLflow tracking URI; default: SQLite store in the runs folder")
-    experiment: str = "sfc"
-    log_models: bool = Field(True, description="log each training stage's final weights as an MLflow artifact")
+    experiment: str = Field("sfc", description="MLflow experiment of the runs (tagged as a model-training one)")
+    log_models: bool = Field(
+        True, description="log the trained CAM network and segmenter as MLflow models (PyTorch flavour, loadable "
+        "with mlflow.pytorch.load_model) and the IRN's final weights as an artifact")
+    register_as: str | None = Field(
+        None, description="also register the segmenter in MLflow's model registry under this name (the CAM "
+        "network as <name>-cam); null: no registration")
+    ceiling_val_miou: float | None = Field(
+        None, gt=0, le=1, description="val mIoU of the same segmenter trained on ground-truth masks "
+        "(bench/ceiling.py); the parent run then carries ceiling_ratio = seg_val_miou / this")
+    ceiling_val_miou_crf: float | None = Field(
+        None, gt=0, le=1, description="the same with CRF; gives ceiling_ratio_crf")
 
 
 class PipelineConfig(BaseModel):
@@ -122,6 +132,10 @@ class PipelineConfig(BaseModel):
 
     def digest(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+    def parent_run_tags(self) -> dict[str, str]:
+        """The tags that identify the run's MLflow parent run (a changed configuration gets a new one)."""
+        return {"run_dir": self.run_dir, "config_digest": self.digest(), "sfc.kind": "pipeline"}
 
 
 def section_name(name: str) -> str:

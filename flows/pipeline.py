@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,9 @@ from pydantic import BaseModel
 from flows import records
 from flows.config import PipelineConfig, load_config
 from flows.dry_run import weights_problems
+from flows.headline import experiment_tags, publish_headline
+from flows.logged_models import log_trained_model
+from flows.report import write_report
 from flows.stages import (
     STAGE_BY_NAME,
     STAGES,
@@ -35,8 +39,10 @@ from flows.stages import (
     select_stages,
 )
 from storage import fs
+from storage.datasets.split_files import load_split_file
+from storage.digests import file_digest
 from storage.errors import ConfigError
-from storage.tracking import Tracker, open_tracker
+from storage.tracking import DatasetRecord, Tracker, open_tracker
 from tasks.engine.distributed import Ranks
 from tasks.engine.shards import all_shards
 
@@ -169,6 +175,7 @@ def run_stage(stage: Stage, cfg: PipelineConfig, manifests: dict[str, dict], tra
     """Run one stage's task (or take its cached manifest), check its outputs, record its manifest file."""
     key = stage.cache_key(cfg, manifests)
     record = current_record(stage, cfg, key)
+    started = time.perf_counter()
     with stage_run(tracker, stage.name) as child:
         arguments = stage.arguments(cfg, manifests, child)
         try:
@@ -177,8 +184,7 @@ def run_stage(stage: Stage, cfg: PipelineConfig, manifests: dict[str, dict], tra
             else:
                 manifest, cached = _run_whole(stage, cfg, key, arguments, record)
             if not cached and cfg.tracking.log_models and stage.name in TRAINING_STAGES:
-                checkpoint = manifest["checkpoint"]
-                child.log_bytes(fs.read_bytes(checkpoint), f"model/{checkpoint.rsplit('/', 1)[-1]}")
+                log_trained_model(stage.name, cfg, manifest, manifests, child)
         except BaseException as err:
             records.write_failure(cfg.run_dir, stage.name, err)
             raise
@@ -186,16 +192,17 @@ def run_stage(stage: Stage, cfg: PipelineConfig, manifests: dict[str, dict], tra
     if cached:
         log.info("stage %s: finished before, taken from the cache", stage.name)
         return manifest
-    return record_stage(cfg, stage, key, manifest, manifests)
+    return record_stage(cfg, stage, key, manifest, manifests, time.perf_counter() - started)
 
 
-def record_stage(cfg: PipelineConfig, stage: Stage, key: str, manifest: dict, inputs: dict[str, dict | None]) -> dict:
-    """Write ``manifests/<stage>.json``: the stage finished with this cache key and manifest, and (with
-    ``run.verify_outputs``) the content hashes of its own outputs, whose combination joins the manifest as
-    ``content_hash``. Returns the manifest as recorded."""
+def record_stage(cfg: PipelineConfig, stage: Stage, key: str, manifest: dict, inputs: dict[str, dict | None],
+                 seconds: float | None = None) -> dict:
+    """Write ``manifests/<stage>.json``: the stage finished with this cache key and manifest after ``seconds``,
+    and (with ``run.verify_outputs``) the content hashes of its own outputs, whose combination joins the manifest
+    as ``content_hash``. Returns the manifest as recorded."""
     check_manifest(stage.name, manifest)
     own = stage.own_outputs(manifest, inputs, cfg.run_dir) if cfg.run.verify_outputs else None
-    return records.write_record(cfg.run_dir, stage.name, key, manifest, own)
+    return records.write_record(cfg.run_dir, stage.name, key, manifest, own, seconds)
 
 
 def open_run(cfg: PipelineConfig, **tags: str) -> Tracker:
@@ -204,11 +211,37 @@ def open_run(cfg: PipelineConfig, **tags: str) -> Tracker:
     fs.write_text(fs.join(cfg.run_dir, "config.yaml"), cfg.to_yaml())
     tracker = open_tracker(cfg.tracking_uri(), cfg.tracking.experiment, cfg.artifact_root(), cfg.run.name,
                            {"git_commit": git_commit(), **tags},
-                           resume_on={"run_dir": cfg.run_dir, "config_digest": cfg.digest()})
+                           resume_on=cfg.parent_run_tags(),
+                           experiment_tags=experiment_tags())
     if not tracker.resumed:
         tracker.log_params(cfg.model_dump(mode="json"))
         tracker.log_text(cfg.to_yaml(), "config.yaml")
     return tracker
+
+
+def log_dataset_inputs(cfg: PipelineConfig, manifest: dict, tracker: Tracker) -> None:
+    """The run's split files as MLflow dataset inputs: name ``<kind>/<split>``, digest = the file's content hash,
+    source = its URL, context = its roles (train, val, seed, test; a split in two roles is one input, e.g.
+    ``train+seed``)."""
+    roles: dict[str, list[str]] = {}
+    for role, url in manifest["splits"].items():
+        roles.setdefault(url, []).append(role)
+    datasets = []
+    for url, names in roles.items():
+        split = load_split_file(url)
+        datasets.append(DatasetRecord(f"{cfg.prepare_data.kind}/{split.name}", file_digest(url), url, "+".join(names),
+                                      {"images": len(split.ids), "classes": len(split.class_names)}))
+    tracker.log_datasets(datasets)
+
+
+def finish_run(cfg: PipelineConfig, tracker: Tracker, status: str) -> None:
+    """End the parent run with its headline figures and report (``<run_dir>/report.html``, also an artifact)."""
+    try:
+        publish_headline(cfg, tracker)
+        tracker.log_artifact(write_report(cfg, tracker.run_id))
+    except Exception as err:  # the run's own outcome matters more than its summary
+        log.warning("could not write the run's summary: %s", err)
+    tracker.finish(status)
 
 
 def train_stage(cfg: PipelineConfig, name: str) -> dict:
@@ -230,13 +263,17 @@ def train_stage(cfg: PipelineConfig, name: str) -> dict:
         return manifest
     tracker = open_run(cfg)
     try:
+        started = time.perf_counter()
         with stage_run(tracker, name) as child:
             manifest = stage.task.fn(**stage.arguments(cfg, manifests, child))
-        manifest = record_stage(cfg, stage, stage.cache_key(cfg, manifests), manifest, manifests)
+            if cfg.tracking.log_models:
+                log_trained_model(name, cfg, manifest, manifests, child)
+        manifest = record_stage(cfg, stage, stage.cache_key(cfg, manifests), manifest, manifests,
+                                time.perf_counter() - started)
     except BaseException:
-        tracker.finish("FAILED")
+        finish_run(cfg, tracker, "FAILED")
         raise
-    tracker.finish()
+    finish_run(cfg, tracker, "FINISHED")
     ranks.barrier()
     return manifest
 
@@ -283,12 +320,15 @@ def sfc_pipeline(config: dict, stages: list[str] | None = None, start: str | Non
                 manifests[stage.name] = None
             elif stage in selected:
                 manifests[stage.name] = run_stage(stage, cfg, manifests, tracker)
+                publish_headline(cfg, tracker)
             elif any(stage.name in s.needs for s in selected):
                 manifests[stage.name] = records.read_manifest(run_dir, stage.name)
+            if stage.name == "prepare_data" and manifests[stage.name] is not None:
+                log_dataset_inputs(cfg, manifests[stage.name], tracker)
     except BaseException:
-        tracker.finish("FAILED")
+        finish_run(cfg, tracker, "FAILED")
         raise
-    tracker.finish()
+    finish_run(cfg, tracker, "FINISHED")
     summary = {"run_dir": run_dir, "mlflow_run_id": tracker.run_id, "stages": manifests}
     fs.write_text(fs.join(run_dir, "pipeline.json"), json.dumps(summary, indent=2, default=str))
     return summary

@@ -61,11 +61,12 @@ def remove_record(run_dir: str, stage: str) -> None:
     fs.remove(manifest_url(run_dir, stage))
 
 
-def write_record(run_dir: str, stage: str, key: str, manifest: dict, own_outputs: list[str] | None) -> dict:
-    """Record the stage as finished under ``key`` and clear its started marker. With ``own_outputs`` (verified
-    runs) their content hashes are recorded and combined into the manifest's ``content_hash``. Returns the manifest
-    as recorded."""
-    record: dict[str, Any] = {"stage": stage, "cache_key": key, "finished": time.time()}
+def write_record(run_dir: str, stage: str, key: str, manifest: dict, own_outputs: list[str] | None,
+                 seconds: float | None = None) -> dict:
+    """Record the stage as finished under ``key`` after ``seconds`` of work and clear its started marker. With
+    ``own_outputs`` (verified runs) their content hashes are recorded and combined into the manifest's
+    ``content_hash``. Returns the manifest as recorded."""
+    record: dict[str, Any] = {"stage": stage, "cache_key": key, "finished": time.time(), "seconds": seconds}
     if own_outputs is not None:
         record["outputs"] = content_digests(own_outputs)
         manifest = {**manifest, "content_hash": combined_digest(record["outputs"])}

@@ -22,6 +22,25 @@ def mlflow_server_command(root: str, port: int) -> tuple[list[str], dict[str, st
     return command, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
+def prefect_server_command(port: int) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of a Prefect server (API and UI) bound to 127.0.0.1 on the project's Prefect
+    home (``PREFECT_HOME``, ``.prefect`` in the working directory by default), whose database keeps the flow runs of
+    `sfc run` once its temporary server has stopped."""
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)  # the server serves the API; it is no client of another one
+    return [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], env
+
+
+def experiment_id(tracking_uri: str, name: str) -> str | None:
+    """The id of experiment ``name`` in the store, None when it (or the store) does not exist yet."""
+    if tracking_uri.startswith("sqlite:///") and not fs.exists(tracking_uri.removeprefix("sqlite:///")):
+        return None
+    from mlflow.tracking import MlflowClient
+
+    found = MlflowClient(tracking_uri).get_experiment_by_name(name)
+    return found.experiment_id if found else None
+
+
 _MLFLOW_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 

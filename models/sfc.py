@@ -140,6 +140,10 @@ class SFCNet(nn.Module):
         proto_cam = self._prototype_cam(cam, hie, valid_mask)
         return SFCOutput(score=score, cam=cam, proto_cam=proto_cam, raw_cam=raw_cam)
 
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Image-level class logits (N, C) of the foreground classes: the classifier averaged over the map."""
+        return F.adaptive_avg_pool2d(self.classifier(self.backbone(x)[-1]), 1).flatten(1)
+
     def forward_cams(self, pair: torch.Tensor, label: torch.Tensor) -> CAMPair:
         """Inference on ``pair`` = [image, hflip(image)] (2, 3, H, W) with ``label`` (1 + C,) incl. background.
 

@@ -8,8 +8,9 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,12 @@ class Tracker:
     """Logs to one MLflow run; a tracker without a run (``Tracker.null()``) accepts and drops everything."""
 
     def __init__(self, client: Any | None, run_id: str | None, experiment_id: str | None = None,
-                 resumed: bool = False):
+                 resumed: bool = False, tracking_uri: str | None = None):
         self.client = client
         self.run_id = run_id
         self.experiment_id = experiment_id
         self.resumed = resumed
+        self.tracking_uri = tracking_uri
 
     @classmethod
     def null(cls) -> Tracker:
@@ -95,6 +97,55 @@ class Tracker:
             parent = str(Path(artifact_file).parent)
             self.log_artifact(path, None if parent == "." else parent)
 
+    def log_datasets(self, datasets: Sequence[DatasetRecord]) -> None:
+        """Log dataset inputs (MLflow's Dataset column and the run page's Datasets): name, digest, source URL, and
+        the role it plays (``mlflow.data.context``: train, val, ...). A dataset logged before is not repeated."""
+        if self.client is None or not datasets:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        logged = {(d.dataset.name, d.dataset.digest) for d in self.client.get_run(self.run_id).inputs.dataset_inputs}
+        inputs = [DatasetInput(Dataset(d.name, d.digest, _source_type(d.source), json.dumps({"uri": d.source}),
+                                       profile=json.dumps(d.profile)), [InputTag("mlflow.data.context", d.context)])
+                  for d in datasets if (d.name, d.digest) not in logged]
+        if inputs:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+
+    def log_pytorch_model(self, model: Any, name: str, input_shape: Sequence[int], output_shape: Sequence[int],
+                          files: Mapping[str, str], metadata: Mapping[str, Any], code_dir: str | None = None,
+                          registered_name: str | None = None) -> str | None:
+        """Log ``model`` as an MLflow model (PyTorch flavour) of this run, loadable with ``mlflow.pytorch.load_model``:
+        a float32 tensor signature (-1 = any size), ``files`` (name -> text, e.g. the config that made it) beside
+        it, ``metadata`` in its MLmodel, ``code_dir`` (the package its classes come from) copied along, and
+        registered under ``registered_name`` when given. Returns the model's URI."""
+        if self.client is None:
+            return None
+        import mlflow
+        import mlflow.pytorch
+        import numpy as np
+        import torch
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), tuple(input_shape), "image")]),
+                                   outputs=Schema([TensorSpec(np.dtype(np.float32), tuple(output_shape))]))
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"]
+        if self.tracking_uri:
+            mlflow.set_tracking_uri(self.tracking_uri)
+        with tempfile.TemporaryDirectory() as tmp:
+            extra = []
+            for file_name, text in files.items():
+                (Path(tmp) / file_name).write_text(text)
+                extra.append(str(Path(tmp) / file_name))
+            with mlflow.start_run(run_id=self.run_id, experiment_id=self.experiment_id):
+                info = mlflow.pytorch.log_model(model, name=name, signature=signature, extra_files=extra,
+                                                serialization_format="pickle",  # any image size
+                                                metadata=dict(metadata), pip_requirements=requirements,
+                                                code_paths=[code_dir] if code_dir else None,
+                                                registered_model_name=registered_name)
+        self.client.update_run(self.run_id, status="RUNNING")  # the stage's own end marks it finished
+        return info.model_uri
+
     def child(self, name: str) -> Tracker:
         """The nested run of one stage: the existing one when the parent is resumed, else a new one."""
         if self.client is None:
@@ -104,14 +155,30 @@ class Tracker:
             max_results=1)
         if found:
             self.client.update_run(found[0].info.run_id, status="RUNNING")
-            return Tracker(self.client, found[0].info.run_id, self.experiment_id)
+            return Tracker(self.client, found[0].info.run_id, self.experiment_id, tracking_uri=self.tracking_uri)
         run = self.client.create_run(self.experiment_id, run_name=name,
                                      tags={"mlflow.parentRunId": self.run_id, "sfc.stage": name})
-        return Tracker(self.client, run.info.run_id, self.experiment_id)
+        return Tracker(self.client, run.info.run_id, self.experiment_id, tracking_uri=self.tracking_uri)
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.client is not None:
             self.client.set_terminated(self.run_id, status)
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """One dataset input of a run: a split file in its role."""
+
+    name: str  # e.g. synthetic/train_aug
+    digest: str  # the split file's content hash
+    source: str  # its URL
+    context: str  # the role: train, val, seed, test
+    profile: Mapping[str, Any]  # e.g. {"images": 600, "classes": 21}
+
+
+def _source_type(url: str) -> str:
+    scheme = url.split("://", 1)[0] if "://" in url else "local"
+    return {"file": "local", "s3": "s3", "gs": "gcs", "http": "http", "https": "http"}.get(scheme, scheme)
 
 
 def _sqlite_database(tracking_uri: str) -> str | None:
@@ -146,31 +213,40 @@ def prepare_store(tracking_uri: str) -> None:
         MlflowClient(tracking_uri=tracking_uri)  # opens the store
 
 
-def _experiment_id(client: Any, name: str, artifact_root: str) -> str:
-    """The id of experiment ``name``, created if missing, also when another process creates it at the same time."""
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow's "model training" experiments
+
+
+def _experiment_id(client: Any, name: str, artifact_root: str, tags: Mapping[str, str]) -> str:
+    """The id of experiment ``name``, created if missing, also when another process creates it at the same time;
+    its tags are set to ``tags`` (only those that differ are written)."""
     from mlflow.exceptions import MlflowException
 
     found = client.get_experiment_by_name(name)
-    if found:
-        return found.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_root)
-    except MlflowException as err:
+    if found is None:
+        try:
+            client.create_experiment(name, artifact_location=artifact_root)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
         found = client.get_experiment_by_name(name)
-        if err.error_code != "RESOURCE_ALREADY_EXISTS" or found is None:
-            raise
-        return found.experiment_id
+    for key, value in tags.items():
+        if found.tags.get(key) != value:
+            client.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
 
 
 def open_tracker(tracking_uri: str, experiment: str, artifact_root: str, run_name: str,
-                 tags: Mapping[str, str] | None = None, resume_on: Mapping[str, str] | None = None) -> Tracker:
-    """Create (or reuse) the experiment and start a parent run, or re-enter the parent run whose tags equal
-    ``resume_on`` (a resumed pipeline run continues in the same MLflow run)."""
+                 tags: Mapping[str, str] | None = None, resume_on: Mapping[str, str] | None = None,
+                 experiment_tags: Mapping[str, str] | None = None) -> Tracker:
+    """Create (or reuse) the experiment, tagged as a model-training experiment with ``experiment_tags``, and start
+    a parent run, or re-enter the parent run whose tags equal ``resume_on`` (a resumed pipeline run continues in
+    the same MLflow run)."""
     from mlflow.tracking import MlflowClient
 
     with store_lock(tracking_uri):  # creating the client opens the store: a new SQLite store is created there
         client = MlflowClient(tracking_uri=tracking_uri)
-        experiment_id = _experiment_id(client, experiment, artifact_root)
+        experiment_id = _experiment_id(client, experiment, artifact_root,
+                                       {**EXPERIMENT_KIND, **(experiment_tags or {})})
     if resume_on:
         query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in resume_on.items())
         runs = client.search_runs([experiment_id], query, max_results=1)
@@ -180,7 +256,26 @@ def open_tracker(tracking_uri: str, experiment: str, artifact_root: str, run_nam
             for key, value in (tags or {}).items():
                 client.set_tag(run_id, key, value)
             log.info("MLflow run %s (%s) resumed in %s", run_id, run_name, tracking_uri)
-            return Tracker(client, run_id, experiment_id, resumed=True)
+            return Tracker(client, run_id, experiment_id, resumed=True, tracking_uri=tracking_uri)
     run = client.create_run(experiment_id, run_name=run_name, tags={**(resume_on or {}), **(tags or {})})
     log.info("MLflow run %s (%s) in %s", run.info.run_id, run_name, tracking_uri)
-    return Tracker(client, run.info.run_id, experiment_id)
+    return Tracker(client, run.info.run_id, experiment_id, tracking_uri=tracking_uri)
+
+
+def existing_run(tracking_uri: str, experiment: str, tags: Mapping[str, str]) -> Tracker | None:
+    """The newest run of ``experiment`` whose tags equal ``tags``, without creating a store or experiment that
+    does not exist (None then, as when no run matches)."""
+    database = _sqlite_database(tracking_uri)
+    if database is not None and not Path(database).exists():
+        return None
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([found.experiment_id], query, max_results=1, order_by=["attributes.start_time DESC"])
+    if not runs:
+        return None
+    return Tracker(client, runs[0].info.run_id, found.experiment_id, resumed=True, tracking_uri=tracking_uri)

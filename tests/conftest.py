@@ -22,3 +22,16 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=180):  # slow to start on a loaded 2-core machine
         yield
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, prefect_harness):
+    """The tiny synthetic pipeline run (tests/tiny_flow.py), with IRN: (config, flow summary, overrides)."""
+    from flows.config import load_config
+    from flows.pipeline import sfc_pipeline
+    from tests.tiny_flow import TINY
+
+    tmp = tmp_path_factory.mktemp("flow")
+    overrides = [*TINY, f"run.root={tmp / 'runs'}", f"prepare_data.root={tmp / 'data'}", "run.name=tiny"]
+    cfg = load_config("configs/synthetic.yaml", overrides)
+    return cfg, sfc_pipeline(cfg.model_dump(mode="json")), overrides

@@ -1,36 +1,13 @@
 """The Prefect flow end to end on a tiny synthetic dataset, tracked in MLflow; and the CLI."""
 import json
 
-import pytest
 import yaml
 from click.testing import CliRunner
 
 from flows.cli import main
-from flows.config import load_config
 from flows.stages import STAGE_NAMES
 from storage import fs
-
-TINY = [
-    "prepare_data.synthetic.num_images=40", "prepare_data.synthetic.min_size=64", "prepare_data.synthetic.max_size=80",
-    "train_cam.crop=64", "train_cam.resize_long=[48,80]", "train_cam.batch_size=4", "train_cam.max_steps=3",
-    "train_cam.trainable_from=3", "train_cam.num_workers=0", "train_cam.val_max_images=4", "train_cam.log_every=1",
-    "make_pseudo_labels.method=irn", "make_ir_labels.workers=1", "train_irn.max_steps=3", "train_irn.batch_size=4",
-    "train_irn.num_workers=0", "train_irn.checkpoint_every=2", "make_pseudo_labels.exp_times=3",
-    "make_pseudo_labels.workers=1",
-    "train_seg.max_steps=3", "train_seg.batch_size=4", "train_seg.crop=64", "train_seg.num_workers=0",
-    "train_seg.val_size=80", "eval_seg.test_size=80", "eval_seg.num_workers=0", "eval_seg.crf_workers=1",
-    "eval_seg.overlays=2",
-]
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, prefect_harness):
-    from flows.pipeline import sfc_pipeline
-
-    tmp = tmp_path_factory.mktemp("flow")
-    overrides = [*TINY, f"run.root={tmp / 'runs'}", f"prepare_data.root={tmp / 'data'}", "run.name=tiny"]
-    cfg = load_config("configs/synthetic.yaml", overrides)
-    return cfg, sfc_pipeline(cfg.model_dump(mode="json")), overrides
+from tests.tiny_flow import TINY  # noqa: F401  (other tests import it from here)
 
 
 def test_flow_writes_run_directory(finished_run):
@@ -136,9 +113,9 @@ def test_flow_runs_refinement_and_segmentation(finished_run):
     seg_run = client.search_runs([parent.info.experiment_id],
                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`sfc.stage` = 'eval_seg'")
     assert any(key.endswith("miou") for key in seg_run[0].data.metrics)
-    train_runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' "
-                                    "and tags.`sfc.stage` = 'train_seg'")
-    assert [a.path for a in client.list_artifacts(train_runs[0].info.run_id, "model")] == ["model/final.pt"]
+    irn_runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' "
+                                  "and tags.`sfc.stage` = 'train_irn'")
+    assert [a.path for a in client.list_artifacts(irn_runs[0].info.run_id, "model")] == ["model/irn.pt"]
 
 
 def test_mlflow_server_serves_the_runs_metrics_and_artifacts(finished_run):

@@ -1,0 +1,50 @@
+"""Loading a page in a real browser (headless Chromium, Debian's ``chromium`` package) to check what a person sees:
+here, that every picture of a run's report loads."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from storage.errors import UserError
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+INSTALL_HINT = "apt-get install chromium (or `make report-check`, which installs it)"
+
+
+class BrowserMissingError(UserError):
+    """No headless browser on this machine."""
+
+
+@dataclass(frozen=True)
+class PageCheck:
+    images: int  # pictures on the page
+    broken: int  # of which failed to load
+
+
+def find_browser() -> str:
+    for name in BROWSERS:
+        if (path := shutil.which(name)) is not None:
+            return path
+    raise BrowserMissingError(f"no headless browser found ({', '.join(BROWSERS)}); install one: {INSTALL_HINT}")
+
+
+def check_page(path: str | Path, timeout: float = 120.0) -> PageCheck:
+    """Load the local HTML file ``path`` in headless Chromium and read the counts its load handler wrote on
+    ``<body>`` (``data-images``, ``data-broken``: see flows/report.py)."""
+    browser = find_browser()
+    with tempfile.TemporaryDirectory() as profile:
+        result = subprocess.run(
+            [browser, "--headless=new", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
+             "--virtual-time-budget=10000", "--dump-dom", Path(path).resolve().as_uri()],
+            capture_output=True, text=True, timeout=timeout)
+    body = re.search(r"<body[^>]*>", result.stdout)
+    images = re.search(r'data-images="(\d+)"', body.group(0)) if body else None
+    broken = re.search(r'data-broken="(\d+)"', body.group(0)) if body else None
+    if images is None or broken is None:
+        raise RuntimeError(f"{path}: the page did not finish loading in {browser} (exit {result.returncode}): "
+                           f"{result.stderr.strip()[-300:]}")
+    return PageCheck(int(images.group(1)), int(broken.group(1)))
