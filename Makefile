@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch and torchvision must come as a matching pair from the registry (a local +cpu torch breaks torchvision).
 TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test bench bench-gpu clean
+.PHONY: install demo test bench bench-gpu clean report-check
 
 $(BIN)/sfc: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,3 +35,9 @@ bench-gpu:
 
 clean:
 	rm -rf runs .prefect data/synthetic
+
+# RUN's HTML report loaded in headless Chromium: every picture must load (installs Debian's chromium if missing).
+RUN ?= synthetic-demo
+report-check: install
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+	$(BIN)/sfc report $(RUN) --check

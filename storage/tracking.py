@@ -72,9 +72,10 @@ class Tracker:
             self.client.log_batch(self.run_id, metrics=items[start:start + 1000])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        if self.client is not None:
-            for key, value in tags.items():
-                self.client.set_tag(self.run_id, key, str(value))
+        if self.client is not None and tags:
+            from mlflow.entities import RunTag
+
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         if self.client is not None:
