@@ -54,9 +54,9 @@ def main() -> None:
             "dataset inputs (after prepare_data)": _median_seconds(
                 lambda: log_dataset_inputs(cfg, manifests["prepare_data"], parent), args.repeats),
             "MLflow model of train_cam": _median_seconds(lambda: log_trained_model(
-                "train_cam", cfg, manifests["train_cam"], manifests, children["train_cam"]), args.repeats),
+                "train_cam", cfg, manifests["train_cam"], children["train_cam"]), args.repeats),
             "MLflow model of train_seg": _median_seconds(lambda: log_trained_model(
-                "train_seg", cfg, manifests["train_seg"], manifests, children["train_seg"]), args.repeats),
+                "train_seg", cfg, manifests["train_seg"], children["train_seg"]), args.repeats),
             "report (end of the run)": _median_seconds(lambda: write_report(cfg, parent.run_id), args.repeats),
         }
     total = sum(s for s in seconds.values() if s)

@@ -8,7 +8,7 @@ from pathlib import Path
 import models
 from flows.config import PipelineConfig
 from models.exported import ImageClassifier, SegmentationPredictor
-from storage import fs
+from storage import checkpoints, fs
 from storage.tracking import Tracker
 from storage.transforms import IMAGENET_MEAN, IMAGENET_STD
 from tasks.eval_seg import load_segmenter
@@ -19,15 +19,14 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "model"  # the logged model's name in its stage run
 
 
-def log_trained_model(stage: str, cfg: PipelineConfig, manifest: dict, inputs: dict[str, dict | None],
-                      tracker: Tracker) -> str | None:
+def log_trained_model(stage: str, cfg: PipelineConfig, manifest: dict, tracker: Tracker) -> str | None:
     """Log the final weights of training stage ``stage`` to its run; returns the MLflow model URI (None for IRN,
     whose weights are logged as ``model/<file>``)."""
     checkpoint = manifest["checkpoint"]
     if stage == "train_irn":
         tracker.log_bytes(fs.read_bytes(checkpoint), f"model/{checkpoint.rsplit('/', 1)[-1]}")
         return None
-    class_names = tuple((inputs["prepare_data"] or {})["class_names"])
+    class_names = tuple(checkpoints.load(checkpoint)["meta"]["class_names"])  # background included
     mean, std = IMAGENET_MEAN.tolist(), IMAGENET_STD.tolist()
     if stage == "train_seg":
         model = SegmentationPredictor(load_segmenter(checkpoint, class_names), class_names, mean, std)

@@ -184,7 +184,7 @@ def run_stage(stage: Stage, cfg: PipelineConfig, manifests: dict[str, dict], tra
             else:
                 manifest, cached = _run_whole(stage, cfg, key, arguments, record)
             if not cached and cfg.tracking.log_models and stage.name in TRAINING_STAGES:
-                log_trained_model(stage.name, cfg, manifest, manifests, child)
+                log_trained_model(stage.name, cfg, manifest, child)
         except BaseException as err:
             records.write_failure(cfg.run_dir, stage.name, err)
             raise
@@ -267,7 +267,7 @@ def train_stage(cfg: PipelineConfig, name: str) -> dict:
         with stage_run(tracker, name) as child:
             manifest = stage.task.fn(**stage.arguments(cfg, manifests, child))
             if cfg.tracking.log_models:
-                log_trained_model(name, cfg, manifest, manifests, child)
+                log_trained_model(name, cfg, manifest, child)
         manifest = record_stage(cfg, stage, stage.cache_key(cfg, manifests), manifest, manifests,
                                 time.perf_counter() - started)
     except BaseException:

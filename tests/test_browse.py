@@ -257,3 +257,71 @@ def test_prefect_server_command_serves_the_project_home(monkeypatch, tmp_path):
     assert command[-6:] == ["server", "start", "--host", "127.0.0.1", "--port", "4321"]
     assert env["PREFECT_HOME"] == str(tmp_path) and "PREFECT_API_URL" not in env
 
+
+
+def test_models_are_registered_under_the_configured_name(finished_run, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from flows.logged_models import log_trained_model
+    from storage.tracking import open_tracker
+
+    cfg, summary, _ = finished_run
+    cfg = cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"register_as": "sfc-tiny"})})
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    parent = open_tracker(uri, "registry", (tmp_path / "artifacts").as_uri(), "registry")
+    for stage in ("train_cam", "train_seg"):
+        log_trained_model(stage, cfg, summary["stages"][stage], parent.child(stage))
+    client = MlflowClient(uri)
+    assert {m.name for m in client.search_registered_models()} == {"sfc-tiny", "sfc-tiny-cam"}
+    (version,) = client.search_model_versions("name = 'sfc-tiny'")
+    assert client.get_run(version.run_id).data.tags["sfc.stage"] == "train_seg"
+
+
+def test_runs_table_link_opens_the_headline_view():
+    from flows.headline import runs_table_url
+
+    url = runs_table_url("http://127.0.0.1:5000/", "7")
+    assert url == ("http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+                   "&viewStateShareKey=sfc-headline")
+
+
+def test_mlflow_ui_shows_the_headline_columns_in_a_real_browser(finished_run):
+    """What a user sees: `sfc ui`'s printed link opens the runs table with the pipeline run and its figures."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    from flows.browser import BrowserMissingError, find_browser, rendered_dom
+    from flows.headline import runs_table_url
+    from flows.runs import mlflow_server_command
+
+    try:
+        find_browser()
+    except BrowserMissingError as err:
+        pytest.skip(str(err))
+    cfg, summary, _ = finished_run
+    experiment = _client(cfg).get_run(summary["mlflow_run_id"]).info.experiment_id
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command, env = mlflow_server_command(cfg.run.root, port)
+    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=5).close()
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(1)
+        dom = rendered_dom(runs_table_url(base, experiment), wait_ms=20000)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert ">tiny<" in dom and "seg_val_miou" in dom and "cam_seed_miou" in dom
+    assert "train_cam<" not in dom  # the stage runs are filtered out of the headline view
+    assert f"{_client(cfg).get_run(summary['mlflow_run_id']).data.metrics['seg_val_miou']:.3f}"[:4] in dom
