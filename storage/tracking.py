@@ -217,7 +217,7 @@ def prepare_store(tracking_uri: str) -> None:
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow's "model training" experiments
 
 
-def _experiment_id(client: Any, name: str, artifact_root: str, tags: Mapping[str, str]) -> str:
+def _experiment_id(client: Any, name: str, artifact_root: str, tags: Mapping[str, str] | None = None) -> str:
     """The id of experiment ``name``, created if missing, also when another process creates it at the same time;
     its tags are set to ``tags`` (only those that differ are written)."""
     from mlflow.exceptions import MlflowException
@@ -230,7 +230,7 @@ def _experiment_id(client: Any, name: str, artifact_root: str, tags: Mapping[str
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         found = client.get_experiment_by_name(name)
-    for key, value in tags.items():
+    for key, value in (tags or {}).items():
         if found.tags.get(key) != value:
             client.set_experiment_tag(found.experiment_id, key, value)
     return found.experiment_id
