@@ -117,8 +117,8 @@ def ui(root: str, port: int, experiment_name: str) -> None:
     server with all its processes."""
     from flows.config import default_tracking_uri
     from flows.headline import runs_table_url
-    from flows.runs import experiment_id, mlflow_server_command
-    from storage.tracking import prepare_store
+    from flows.runs import mlflow_server_command
+    from storage.tracking import find_experiment_id, prepare_store
 
     _check_port_free(port)
     uri = default_tracking_uri(root)
@@ -126,7 +126,7 @@ def ui(root: str, port: int, experiment_name: str) -> None:
     command, env = mlflow_server_command(root, port)
     base = f"http://127.0.0.1:{port}"
     click.echo(f"MLflow UI on {base} for {uri} (Ctrl-C stops it)")
-    if (experiment := experiment_id(uri, experiment_name)) is not None:
+    if (experiment := find_experiment_id(uri, experiment_name)) is not None:
         click.echo(f"runs table with the headline figures: {runs_table_url(base, experiment)}")
     _serve_until_stopped(command, env)
 

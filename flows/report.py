@@ -8,7 +8,6 @@ import base64
 import html
 import time
 
-from flows import records
 from flows.config import PipelineConfig
 from flows.headline import (
     CAM_SEED_VARIANT_TAG,
@@ -20,7 +19,7 @@ from flows.headline import (
     publish_headline,
     seconds_metric,
 )
-from flows.stages import STAGES
+from flows.runs import run_status
 from storage import fs
 
 REPORT = "report.html"
@@ -89,7 +88,7 @@ def render_report(cfg: PipelineConfig, mlflow_run_id: str | None = None) -> str:
     if summary.missing:
         body.append(f"<p class='missing'>Stages not finished: {_e(', '.join(summary.missing))}. "
                     "This report shows what exists.</p>")
-    body += [_headline_table(summary), _stage_table(cfg, finished, summary)]
+    body += [_headline_table(summary), _stage_table(cfg, summary)]
     for stage in EVALUATIONS:
         if stage in finished:
             body.append(_pictures(stage, cfg))
@@ -110,21 +109,13 @@ def _headline_table(summary: Headline) -> str:
             + "</table><p>mIoU as fractions, background included.</p>")
 
 
-def _stage_table(cfg: PipelineConfig, finished: dict[str, dict], summary: Headline) -> str:
+def _stage_table(cfg: PipelineConfig, summary: Headline) -> str:
+    """Each stage's state as `sfc status` tells it (done, stale, failed, started, pending, disabled) and seconds."""
     rows = []
-    for stage in STAGES:
-        if not stage.enabled(cfg):
-            state = "disabled"
-        elif stage.name in finished:
-            state = "done"
-        elif (error := records.read_failure(cfg.run_dir, stage.name)) is not None:
-            state = f"failed: {error}"
-        elif records.started_key(cfg.run_dir, stage.name) is not None:
-            state = "started"
-        else:
-            state = "missing"
-        seconds = summary.metrics.get(seconds_metric(stage.name))
-        rows.append(f"<tr><td>{stage.name}</td><td>{_e(state)}</td>"
+    for status in run_status(cfg):
+        state = f"{status.state}: {status.error}" if status.error else status.state
+        seconds = summary.metrics.get(seconds_metric(status.name))
+        rows.append(f"<tr><td>{status.name}</td><td>{_e(state)}</td>"
                     f"<td class='num'>{'-' if seconds is None else f'{seconds:.1f}'}</td></tr>")
     return ("<h2>Stages</h2>\n<table><tr><th>stage</th><th>state</th><th>seconds</th></tr>" + "".join(rows)
             + "</table>")

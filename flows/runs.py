@@ -12,6 +12,7 @@ from flows.config import PipelineConfig, default_tracking_uri, load_config
 from flows.stages import STAGES
 from storage import fs
 from storage.errors import ConfigError, RunNotFoundError
+from storage.tracking import store_exists
 
 
 def mlflow_server_command(root: str, port: int) -> tuple[list[str], dict[str, str]]:
@@ -29,16 +30,6 @@ def prefect_server_command(port: int) -> tuple[list[str], dict[str, str]]:
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)  # the server serves the API; it is no client of another one
     return [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], env
-
-
-def experiment_id(tracking_uri: str, name: str) -> str | None:
-    """The id of experiment ``name`` in the store, None when it (or the store) does not exist yet."""
-    if tracking_uri.startswith("sqlite:///") and not fs.exists(tracking_uri.removeprefix("sqlite:///")):
-        return None
-    from mlflow.tracking import MlflowClient
-
-    found = MlflowClient(tracking_uri).get_experiment_by_name(name)
-    return found.experiment_id if found else None
 
 
 _MLFLOW_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -65,9 +56,7 @@ def locate_run(run: str, root: str = "runs", tracking_uri: str | None = None) ->
 
 
 def _run_dir_of_mlflow_run(run_id: str, tracking_uri: str) -> str | None:
-    if not _MLFLOW_RUN_ID.match(run_id):
-        return None
-    if tracking_uri.startswith("sqlite:///") and not fs.exists(tracking_uri.removeprefix("sqlite:///")):
+    if not _MLFLOW_RUN_ID.match(run_id) or not store_exists(tracking_uri):
         return None
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient

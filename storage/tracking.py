@@ -173,7 +173,7 @@ class DatasetRecord:
     name: str  # e.g. synthetic/train_aug
     digest: str  # the split file's content hash
     source: str  # its URL
-    context: str  # the role: train, val, seed, test
+    context: str  # its roles, e.g. train, val, or train+seed for a split used twice
     profile: Mapping[str, Any]  # e.g. {"images": 600, "classes": 21}
 
 
@@ -249,8 +249,7 @@ def open_tracker(tracking_uri: str, experiment: str, artifact_root: str, run_nam
         experiment_id = _experiment_id(client, experiment, artifact_root,
                                        {**EXPERIMENT_KIND, **(experiment_tags or {})})
     if resume_on:
-        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in resume_on.items())
-        runs = client.search_runs([experiment_id], query, max_results=1)
+        runs = client.search_runs([experiment_id], _tag_query(resume_on), max_results=1)
         if runs:
             run_id = runs[0].info.run_id
             client.update_run(run_id, status="RUNNING")
@@ -263,20 +262,37 @@ def open_tracker(tracking_uri: str, experiment: str, artifact_root: str, run_nam
     return Tracker(client, run.info.run_id, experiment_id, tracking_uri=tracking_uri)
 
 
+def store_exists(tracking_uri: str) -> bool:
+    """False for a SQLite store whose database file is not there (opening it would create it); True otherwise."""
+    database = _sqlite_database(tracking_uri)
+    return database is None or Path(database).exists()
+
+
+def find_experiment_id(tracking_uri: str, name: str) -> str | None:
+    """The id of experiment ``name``, None when it (or the store) does not exist; creates nothing."""
+    if not store_exists(tracking_uri):
+        return None
+    from mlflow.tracking import MlflowClient
+
+    found = MlflowClient(tracking_uri=tracking_uri).get_experiment_by_name(name)
+    return found.experiment_id if found else None
+
+
+def _tag_query(tags: Mapping[str, str]) -> str:
+    return " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+
+
 def existing_run(tracking_uri: str, experiment: str, tags: Mapping[str, str]) -> Tracker | None:
     """The newest run of ``experiment`` whose tags equal ``tags``, without creating a store or experiment that
     does not exist (None then, as when no run matches)."""
-    database = _sqlite_database(tracking_uri)
-    if database is not None and not Path(database).exists():
+    experiment_id = find_experiment_id(tracking_uri, experiment)
+    if experiment_id is None:
         return None
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = client.search_runs([found.experiment_id], query, max_results=1, order_by=["attributes.start_time DESC"])
+    runs = client.search_runs([experiment_id], _tag_query(tags), max_results=1,
+                              order_by=["attributes.start_time DESC"])
     if not runs:
         return None
-    return Tracker(client, runs[0].info.run_id, found.experiment_id, resumed=True, tracking_uri=tracking_uri)
+    return Tracker(client, runs[0].info.run_id, experiment_id, resumed=True, tracking_uri=tracking_uri)

@@ -18,6 +18,16 @@ from storage import fs
 from storage.digests import file_digest
 
 
+def _require_browser() -> None:
+    """Skip, saying how to install it, when this machine has no headless Chromium."""
+    from flows.browser import BrowserMissingError, find_browser
+
+    try:
+        find_browser()
+    except BrowserMissingError as err:
+        pytest.skip(str(err))
+
+
 def _client(cfg):
     from mlflow.tracking import MlflowClient
 
@@ -224,25 +234,19 @@ def test_report_of_a_partial_run_names_the_missing_stages(finished_run):
 
 
 def test_report_pictures_load_in_a_real_browser(finished_run):
-    from flows.browser import BrowserMissingError, check_page, find_browser
+    from flows.browser import check_page
 
-    try:
-        find_browser()
-    except BrowserMissingError as err:
-        pytest.skip(str(err))
+    _require_browser()
     cfg, summary, _ = finished_run
     result = check_page(f"{summary['run_dir']}/report.html")
     assert result.images >= 4 and result.broken == 0
 
 
 def test_a_broken_picture_is_caught_by_the_browser_check(tmp_path):
-    from flows.browser import BrowserMissingError, check_page, find_browser
+    from flows.browser import check_page
     from flows.report import _IMAGE_CHECK
 
-    try:
-        find_browser()
-    except BrowserMissingError as err:
-        pytest.skip(str(err))
+    _require_browser()
     page = tmp_path / "page.html"
     page.write_text(f"<html><body><img alt='a' src='data:image/png;base64,AAAA'>{_IMAGE_CHECK}</body></html>")
     assert check_page(page).broken == 1
@@ -292,14 +296,11 @@ def test_mlflow_ui_shows_the_headline_columns_in_a_real_browser(finished_run):
     import time
     import urllib.request
 
-    from flows.browser import BrowserMissingError, find_browser, rendered_dom
+    from flows.browser import rendered_dom
     from flows.headline import runs_table_url
     from flows.runs import mlflow_server_command
 
-    try:
-        find_browser()
-    except BrowserMissingError as err:
-        pytest.skip(str(err))
+    _require_browser()
     cfg, summary, _ = finished_run
     experiment = _client(cfg).get_run(summary["mlflow_run_id"]).info.experiment_id
     with socket.socket() as probe:
