@@ -24,9 +24,11 @@ fields in [0, 1] with 50 % exact zeros, sharded as above, LocalStore, a loaded C
     "blosc-zstd" zstd 3, byte shuffle      2.82x             5.63x           35-39      190-205
     "none"                                 1.00x             2.00x           85-113     300-375
 
-Of the candidates zstd-1, zstd-3 and blosc-lz4 byte-shuffle, blosc-lz4 is both the smallest and the fastest to
-write, so it is the default. "blosc-zstd" is ~17 % smaller again at about half the write speed. Bit-shuffle does
-not help float16 (see docs/stack-notes.md). Zstd level 0 means the library default (3) and gives identical output.
+Trained CAMs have few exact zeros and compress worse: on the demo's (bench/cam_store.py --store) blosc-lz4 keeps
+27.4 % of the float32 bytes, blosc-zstd 22.2 %, and blosc-zstd with 8 of float16's 10 mantissa bits
+(``mantissa_bits``, :func:`round_mantissa`) 15.7 %, the default: relative error <= 2**-9 + 2**-11, the demo's
+figures within 0.2 mIoU (docs/cam.md). Bit-shuffle does not help float16. Zstd level 0 means the library default
+(3) and gives identical output.
 
 Only numpy, zarr and (for directory listings) fsspec are needed here: no torch, no prefect.
 """
@@ -46,7 +48,9 @@ from storage.errors import UserError
 
 MARKER = "sfc_cam_store"
 FORMAT_VERSION = 1
-DEFAULT_COMPRESSOR = "blosc-lz4"
+DEFAULT_COMPRESSOR = "blosc-zstd"
+FLOAT16_MANTISSA_BITS = 10
+DEFAULT_MANTISSA_BITS = 8  # bench/cam_store.py --store: 15 % of float32 on trained CAMs, figures unchanged
 _COMPRESSORS = ("blosc-lz4", "zstd", "blosc-zstd", "none")
 _ID = re.compile(r"^[A-Za-z0-9_.-]+$")
 _F16_MAX = float(np.finfo(np.float16).max)
@@ -71,6 +75,20 @@ def _codecs(name: str) -> list[Any] | None:
     raise CamStoreError(f"unknown CAM compressor {name!r}; expected one of {', '.join(_COMPRESSORS)}")
 
 
+def round_mantissa(data: np.ndarray, bits: int) -> np.ndarray:
+    """float16 ``data`` with its mantissa rounded to ``bits`` of float16's 10 bits (round half away from zero on
+    the magnitude): relative error <= 2**-(bits + 1) of each value. Fewer bits leave runs that compress better."""
+    if not 1 <= bits <= FLOAT16_MANTISSA_BITS:
+        raise CamStoreError(f"mantissa_bits must be in 1..{FLOAT16_MANTISSA_BITS}, got {bits}")
+    drop = FLOAT16_MANTISSA_BITS - bits
+    if drop == 0:
+        return data
+    pattern = np.ascontiguousarray(data, dtype=np.float16).view(np.uint16)
+    sign, magnitude = pattern & 0x8000, (pattern & 0x7FFF).astype(np.uint32)
+    magnitude = (magnitude + (1 << (drop - 1))) & ~np.uint32((1 << drop) - 1)
+    return (sign | np.minimum(magnitude, 0x7C00).astype(np.uint16)).view(np.float16)
+
+
 def _storage_options(url: str) -> dict[str, Any] | None:
     """file:// URLs need auto_mkdir to write nested keys; plain paths use LocalStore, which takes no options."""
     return {"auto_mkdir": True} if url.startswith(("file://", "local://")) else None
@@ -83,9 +101,11 @@ def _open_group(url: str, mode: _Mode, **kwargs: Any) -> zarr.Group:
 class CamStore:
     """CAMs of one run: ``write`` per image from any number of processes, ``load`` / ``fused`` to read them back."""
 
-    def __init__(self, url: str, group: zarr.Group, writable: bool, compressor: str = DEFAULT_COMPRESSOR):
+    def __init__(self, url: str, group: zarr.Group, writable: bool, compressor: str = DEFAULT_COMPRESSOR,
+                 mantissa_bits: int = FLOAT16_MANTISSA_BITS):
         """Use :meth:`create` or :meth:`open`."""
         self.url = url
+        self.mantissa_bits = mantissa_bits
         self._group = group
         self._writable = writable
         self._codecs = _codecs(compressor)
@@ -100,10 +120,13 @@ class CamStore:
     # ------------------------------------------------------------------ opening
     @classmethod
     def create(cls, url: str, config_hash: str, checkpoint_hash: str, class_names: Sequence[str],
-               compressor: str = DEFAULT_COMPRESSOR) -> CamStore:
-        """Open ``url`` for writing, creating the store if absent; an existing store must match. Never wipes."""
+               compressor: str = DEFAULT_COMPRESSOR, mantissa_bits: int = DEFAULT_MANTISSA_BITS) -> CamStore:
+        """Open ``url`` for writing, creating the store if absent; an existing store must match. Never wipes.
+
+        Values are written as float16 with ``mantissa_bits`` of its 10 mantissa bits (:func:`round_mantissa`)."""
         url = str(url)
-        _codecs(compressor)  # fail on a bad name before touching storage
+        _codecs(compressor)  # fail on a bad argument before touching storage
+        round_mantissa(np.zeros(1, np.float16), mantissa_bits)
         class_names = [str(c) for c in class_names]
         try:
             group = _open_group(url, "r")
@@ -123,7 +146,7 @@ class CamStore:
         else:
             group = _open_group(url, "r+")
         _check_group(url, group, config_hash, checkpoint_hash)
-        store = cls(url, group, writable=True, compressor=compressor)
+        store = cls(url, group, writable=True, compressor=compressor, mantissa_bits=mantissa_bits)
         if store.class_names != class_names:
             raise CamStoreError(f"CAM store {url} holds classes {store.class_names}, this stage expects {class_names}")
         return store
@@ -165,8 +188,8 @@ class CamStore:
     def write(self, image_id: str, keys: np.ndarray, proto_cam: np.ndarray, cam: np.ndarray) -> None:
         """Store P (``proto_cam``) and K (``cam``), each (len(keys), H, W), of one image; overwrites a previous one.
 
-        ``keys`` are the int class indices of the planes (background 0 first). Values are stored as float16
-        (absolute error <= 2**-11 * value, i.e. <= 5e-4 in [0, 1]).
+        ``keys`` are the int class indices of the planes (background 0 first). Values are stored as float16 with
+        the store's ``mantissa_bits`` (relative error <= 2**-(mantissa_bits + 1): 10 bits <= 5e-4 in [0, 1]).
         """
         if not self._writable:
             raise CamStoreError(f"CAM store {self.url} was opened read-only; use CamStore.create to write")
@@ -186,6 +209,7 @@ class CamStore:
         data = np.empty((2, *cam.shape), dtype=np.float16)
         with np.errstate(over="ignore", invalid="ignore"):
             data[0], data[1] = proto_cam, cam
+            data = round_mantissa(data, self.mantissa_bits)
         if not np.isfinite(data).all():
             raise CamStoreError(f"image {name!r} ({self.url}): CAMs must be finite and within float16 range "
                                 f"(|x| <= {_F16_MAX:g})")

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from models.cam_inference import DEFAULT_SCALES, infer_to_writer, prepare_for_inference
 from models.sfc import SFCNet
 from storage import checkpoints, fs
-from storage.cam_store import CamStore
+from storage.cam_store import DEFAULT_COMPRESSOR, DEFAULT_MANTISSA_BITS, CamStore
 from storage.datasets.cam_inference import MultiScaleSet
 from storage.datasets.split_files import load_split_file
 from storage.datasets.voc_layout import Split
@@ -41,7 +41,12 @@ class InferCamsConfig(BaseModel):
     amp: bool = Field(False, description="fp16 autocast on CUDA (parity tests and CPU runs use fp32)")
     cpu_streams: int = Field(0, ge=0, description="CPU: images computed at once, each with threads/streams "
                                                   "intra-op threads; 0 = one per intra-op thread")
-    compressor: str = "blosc-lz4"
+    compressor: str = Field(DEFAULT_COMPRESSOR, description="CAM store codec: blosc-zstd, blosc-lz4, zstd or none "
+                                                            "(bench/cam_store.py measures them on trained CAMs)")
+    mantissa_bits: int = Field(
+        DEFAULT_MANTISSA_BITS, ge=1, le=10,
+        description="float16 mantissa bits kept in the CAM store: relative error <= 2**-(bits + 1) + 2**-11; "
+                    "10 = plain float16")
 
 
 def union_of_splits(splits: list[Split]) -> Split:
@@ -104,7 +109,8 @@ def infer_cams(
     torch_device = resolve_device(device)
     model, checkpoint_hash = load_cam_network(checkpoint_url, split.class_names, torch_device)
     cfg_hash = config_hash(cfg.model_copy(update={"num_workers": 0, "cpu_streams": 0}))
-    store = CamStore.create(store_url, cfg_hash, checkpoint_hash, split.class_names, compressor=cfg.compressor)
+    store = CamStore.create(store_url, cfg_hash, checkpoint_hash, split.class_names, compressor=cfg.compressor,
+                             mantissa_bits=cfg.mantissa_bits)
     mine = split.ids[index::count]
     done = store.completed_ids()
     todo = [i for i in mine if i not in done]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
-from storage.cam_store import CamStore, CamStoreError
+from storage.cam_store import FLOAT16_MANTISSA_BITS, CamStore, CamStoreError, round_mantissa
 
 CLASSES = ["background", "aeroplane", "bicycle", "bird"]
 
@@ -29,20 +29,25 @@ def url(request, tmp_path):
 
 
 def make(url, **kw):
+    """A store of plain float16 values unless ``mantissa_bits`` says otherwise."""
+    kw.setdefault("mantissa_bits", FLOAT16_MANTISSA_BITS)
     return CamStore.create(url, kw.pop("config_hash", "cfg1"), kw.pop("checkpoint_hash", "ck1"), CLASSES, **kw)
 
 
-@pytest.mark.parametrize("compressor", ["blosc-lz4", "zstd", "none"])
-def test_round_trip(url, compressor):
-    store = make(url, compressor=compressor)
+@pytest.mark.parametrize("compressor", ["blosc-zstd", "blosc-lz4", "zstd", "none"])
+@pytest.mark.parametrize("bits", [FLOAT16_MANTISSA_BITS, 8])
+def test_round_trip(url, compressor, bits):
+    store = make(url, compressor=compressor, mantissa_bits=bits)
     keys = np.array([0, 2, 3])
     p, k = cams(seed=1), cams(seed=2) * 2.0
     store.write("2007_000032", keys, p, k)
     got_keys, got_p, got_k = CamStore.open(url).load("2007_000032")
     assert got_keys.dtype == np.int64 and got_keys.tolist() == [0, 2, 3]
     assert got_p.dtype == np.float32 and got_k.dtype == np.float32 and got_p.shape == (3, 30, 40)
-    assert np.abs(got_p - p).max() <= 1e-3
-    assert np.abs(got_k - k).max() <= 2e-3  # values in [0, 2]: float16 relative error 2**-11
+    # float16 rounds to 2**-11 relative, the kept mantissa bits add 2**-(bits + 1)
+    bound = 2.0 ** -11 + (2.0 ** -(bits + 1) if bits < FLOAT16_MANTISSA_BITS else 0)
+    for got, want in ((got_p, p), (got_k, k)):
+        assert (np.abs(got - want) <= bound * 1.001 * np.abs(want)).all()
     assert (got_p[p == 0] == 0).all()
     array = zarr.open_group(url, mode="r", use_consolidated=False,
                             storage_options={"auto_mkdir": True} if url.startswith("file://") else None)["2007_000032"]
@@ -50,6 +55,22 @@ def test_round_trip(url, compressor):
     assert array.chunks == (1, 1, 30, 40) and array.shards == (2, 3, 30, 40)
     assert array.attrs["keys"] == [0, 2, 3] and array.attrs["size"] == [30, 40] and array.attrs["complete"] is True
     assert store.ids() == ["2007_000032"] and len(store) == 1 and "2007_000032" in store and "other" not in store
+
+
+def test_round_mantissa_rounds_to_nearest_with_the_kept_bits():
+    values = np.array([1.0, 1 + 2 ** -10, 1 + 3 * 2 ** -10, 1 + 2 ** -9, -1.5 - 2 ** -10, -1.5 - 2 ** -9, 0.0],
+                      dtype=np.float16)
+    rounded = round_mantissa(values, 8)
+    # 8 bits: steps of 2**-8 in [1, 2), to the nearest; halfway cases go away from zero
+    assert rounded.tolist() == [1.0, 1.0, 1 + 2 ** -8, 1 + 2 ** -8, -1.5, -1.5 - 2 ** -8, 0.0]
+    assert np.isinf(round_mantissa(np.float16([65504.0]), 8)).all()  # float16's maximum rounds up out of range
+    assert round_mantissa(values, FLOAT16_MANTISSA_BITS) is values
+    kept = round_mantissa(np.float16([1 + 2 ** -9]), 9).view(np.uint16)
+    assert int(kept[0]) & 1 == 0  # the dropped bit is cleared
+    with pytest.raises(CamStoreError, match="mantissa_bits"):
+        round_mantissa(values, 0)
+    with pytest.raises(CamStoreError, match="mantissa_bits"):
+        make("memory://bad-bits/cams.zarr", mantissa_bits=11)
 
 
 def test_attrs_and_ids(url):

@@ -69,8 +69,10 @@ def test_interrupted_inference_resumes_to_identical_store(setup, tmp_path, monke
 
 
 def test_cpu_streams_write_the_same_cams(setup, tmp_path):
-    _infer(setup, tmp_path / "one.zarr", CFG.model_copy(update={"cpu_streams": 1}))
-    two = _infer(setup, tmp_path / "two.zarr")
+    # plain float16: a rounding difference of the two thread layouts never moves a value by a coarser step
+    plain = CFG.model_copy(update={"mantissa_bits": 10})
+    _infer(setup, tmp_path / "one.zarr", plain.model_copy(update={"cpu_streams": 1}))
+    two = _infer(setup, tmp_path / "two.zarr", plain)
     a, b = _contents(tmp_path / "one.zarr"), _contents(tmp_path / "two.zarr")
     assert a.keys() == b.keys() and len(a) == two["written"]
     for image_id in a:
