@@ -59,12 +59,6 @@ from storage.digests import content_digests, damaged_units  # noqa: E402
 BACKGROUND_OFFSET = 0.4  # as models/cam_inference.py (not imported: it needs torch)
 BYTES_TARGET = 0.20  # of the float32 payload (the reference's .npy bytes less their headers)
 F16_SUBNORMAL_STEP = 2.0 ** -24  # absolute error floor below float16's normal range
-
-
-def relative_error_bound(mantissa_bits: int) -> float:
-    """Stored vs float32 value: float16's rounding (2**-11) plus the mantissa rounding (2**-(bits + 1))."""
-    extra = 0.0 if mantissa_bits == cam_store.FLOAT16_MANTISSA_BITS else 2.0 ** -(mantissa_bits + 1)
-    return 2.0 ** -11 + extra + 2.0 ** -11 * extra
 CRF_RATIO_TARGET = 5.0  # percent
 CLASS_NAMES = [f"class{i}" for i in range(20)]
 VOC_TRAIN_AUG = 10582  # images whose CAMs the VOC pipeline stores (verification time extrapolated to them)
@@ -160,7 +154,7 @@ def stored(url: str, n_images: int | None) -> tuple[Source, int]:
 
 class ErrorStats:
     def __init__(self, mantissa_bits: int = cam_store.FLOAT16_MANTISSA_BITS) -> None:
-        self.bound = relative_error_bound(mantissa_bits)
+        self.bound = cam_store.relative_error_bound(mantissa_bits)
         self.within_bound = True
         self.max_all = 0.0
         self.max_unit = {"P": 0.0, "K": 0.0}

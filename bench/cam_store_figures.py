@@ -25,22 +25,23 @@ sys.path.insert(0, str(ROOT))
 from models.cam_eval import DEFAULT_THRESHOLDS  # noqa: E402
 from models.metrics import ConfusionMatrix  # noqa: E402
 from models.pseudo_labels import cam_labels, crf_labels  # noqa: E402
-from storage.cam_store import FLOAT16_MANTISSA_BITS, CamStore, round_mantissa  # noqa: E402
+from storage.cam_store import FLOAT16_MANTISSA_BITS, round_mantissa  # noqa: E402
 from storage.datasets.split_files import load_split_file  # noqa: E402
-from storage.images import read_mask, read_rgb  # noqa: E402
+from storage.images import read_mask  # noqa: E402
+from tasks.engine.label_maps import load_image_and_cams  # noqa: E402
 
 
-def score_image(image_id: str, run: str, bits: int) -> tuple[np.ndarray, dict]:
-    split = load_split_file(f"{run}/prepare_data/train_aug.json")
-    keys, proto_cam, cam = CamStore.open(f"{run}/infer_cams/cams.zarr").load(image_id)
-    image = read_rgb(split.image_url(image_id))
+def score_image(item: tuple[str, str, str], store_url: str, bits: int) -> tuple[np.ndarray, dict]:
+    """(mask, labels by (bits, method)) of one (image id, image URL, mask URL)."""
+    image_id, image_url, mask_url = item
+    image, keys, proto_cam, cam = load_image_and_cams(store_url, image_id, image_url)
     labels = {}
     for kept in (FLOAT16_MANTISSA_BITS, bits):
         p, k = (round_mantissa(a.astype(np.float16), kept).astype(np.float32) for a in (proto_cam, cam))
         for threshold in DEFAULT_THRESHOLDS:
             labels[kept, f"cam_k@{threshold}"] = cam_labels(keys, p, k, 0.0, threshold)
         labels[kept, "crf"] = crf_labels(image, keys, p, k, 0.0)
-    return read_mask(split.mask_url(image_id)), labels
+    return read_mask(mask_url), labels
 
 
 def main() -> None:
@@ -51,7 +52,9 @@ def main() -> None:
     split = load_split_file(f"{args.run}/prepare_data/train_aug.json")
     matrices: dict = {}
     with Pool(2) as pool:
-        for mask, labels in pool.imap(partial(score_image, run=args.run, bits=args.bits), split.ids, chunksize=8):
+        items = [(i, split.image_url(i), split.mask_url(i)) for i in split.ids]
+        job = partial(score_image, store_url=f"{args.run}/infer_cams/cams.zarr", bits=args.bits)
+        for mask, labels in pool.imap(job, items, chunksize=8):
             for key, label in labels.items():
                 matrices.setdefault(key, ConfusionMatrix(len(split.class_names))).update(mask, label)
     miou = {f"{bits}-bit {name}": 100 * m.scores(split.class_names)["miou"] for (bits, name), m in matrices.items()}

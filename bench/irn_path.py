@@ -33,11 +33,12 @@ sys.path.insert(0, str(ROOT))
 from bench.refine_quality import gt_edges  # noqa: E402
 from models.metrics import ConfusionMatrix  # noqa: E402
 from models.pseudo_labels import RandomWalkParams, cam_labels, random_walk_scores  # noqa: E402
-from storage.cam_store import CamStore  # noqa: E402
 from storage.datasets.split_files import load_split_file  # noqa: E402
-from storage.images import IGNORE_INDEX, read_mask, read_rgb  # noqa: E402
+from storage.images import IGNORE_INDEX, read_mask  # noqa: E402
+from tasks.engine.label_maps import load_image_and_cams  # noqa: E402
 from tasks.engine.pseudo_label_worker import edge_map_of  # noqa: E402
 from tasks.make_ir_labels import MakeIrLabelsConfig, make_ir_labels  # noqa: E402
+from tasks.make_pseudo_labels import MakePseudoLabelsConfig  # noqa: E402
 from tasks.train_irn import TrainIrnConfig, train_irn  # noqa: E402
 
 
@@ -48,11 +49,13 @@ def resized(array: np.ndarray, size: tuple[int, int], mode: str) -> torch.Tensor
     return out[0] if tensor.ndim == 3 else out[0, 0]
 
 
-def score_image(image_id: str, run: str, irn: str, ir_dir: str, canvas: int, variants: dict) -> tuple:
+def score_image(item: tuple[str, str, str], store_url: str, irn: str, ir_dir: str, canvas: int,
+                variants: dict) -> tuple:
+    """(mask, labels by variant) of one (image id, image URL, mask URL)."""
     torch.set_num_threads(1)
-    split = load_split_file(f"{run}/prepare_data/train_aug.json")
-    keys, proto_cam, cam = CamStore.open(f"{run}/infer_cams/cams.zarr").load(image_id)
-    mask, image = read_mask(split.mask_url(image_id)), read_rgb(split.image_url(image_id))
+    image_id, image_url, mask_url = item
+    image, keys, proto_cam, cam = load_image_and_cams(store_url, image_id, image_url)
+    mask = read_mask(mask_url)
     ir = np.array(Image.open(f"{ir_dir}/{image_id}.png"))
     labels = {"cam_k (stored background)": cam_labels(keys, proto_cam, cam, 0.0),
               "ir_labels": np.where(ir == IGNORE_INDEX, 0, ir)}
@@ -85,19 +88,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=10)
     args = parser.parse_args()
     run, out = args.run, Path(args.out_dir)
-    split_url = f"{run}/prepare_data/train_aug.json"
-    make_ir_labels(MakeIrLabelsConfig(), f"{run}/infer_cams/cams.zarr", split_url, str(out / "ir"))
-    section = {**yaml.safe_load(Path(args.config).read_text())["train_irn"],
-               "weights": f"{run}/train_cam/final.pt", **json.loads(args.irn)}
+    config = yaml.safe_load(Path(args.config).read_text())
+    split_url, store_url = f"{run}/prepare_data/train_aug.json", f"{run}/infer_cams/cams.zarr"
+    make_ir_labels(MakeIrLabelsConfig(), store_url, split_url, str(out / "ir"))
+    section = {**config["train_irn"], "weights": f"{run}/train_cam/final.pt", **json.loads(args.irn)}
     irn_manifest = train_irn(TrainIrnConfig(**section), str(out / "ir"), split_url, str(out / "irn"), args.seed,
                              device="cpu")
-    canvas = yaml.safe_load(Path(args.config).read_text())["make_pseudo_labels"].get("edge_canvas", 128)
+    canvas = MakePseudoLabelsConfig(**config["make_pseudo_labels"]).edge_canvas
     split = load_split_file(split_url)
-    job = partial(score_image, run=run, irn=irn_manifest["checkpoint"], ir_dir=str(out / "ir"), canvas=canvas,
-                  variants=json.loads(args.variants))
+    job = partial(score_image, store_url=store_url, irn=irn_manifest["checkpoint"], ir_dir=str(out / "ir"),
+                  canvas=canvas, variants=json.loads(args.variants))
     matrices: dict = {}
     with Pool(2) as pool:
-        for mask, labels in pool.imap(job, split.ids, chunksize=8):
+        for mask, labels in pool.imap(job, [(i, split.image_url(i), split.mask_url(i)) for i in split.ids],
+                                      chunksize=8):
             for name, label in labels.items():
                 matrices.setdefault(name, ConfusionMatrix(len(split.class_names))).update(mask, label)
     miou = {name: round(100 * m.scores(split.class_names)["miou"], 1) for name, m in matrices.items()}

@@ -75,11 +75,23 @@ def _codecs(name: str) -> list[Any] | None:
     raise CamStoreError(f"unknown CAM compressor {name!r}; expected one of {', '.join(_COMPRESSORS)}")
 
 
+def _check_mantissa_bits(bits: int) -> None:
+    if not 1 <= bits <= FLOAT16_MANTISSA_BITS:
+        raise CamStoreError(f"mantissa_bits must be in 1..{FLOAT16_MANTISSA_BITS}, got {bits}")
+
+
+def relative_error_bound(bits: int) -> float:
+    """Bound on |stored - x| / |x| of a float32 value x (within float16's normal range) in a store of ``bits``:
+    float16's rounding (2**-11) and then the mantissa rounding (2**-(bits + 1))."""
+    _check_mantissa_bits(bits)
+    extra = 0.0 if bits == FLOAT16_MANTISSA_BITS else 2.0 ** -(bits + 1)
+    return 2.0 ** -11 + extra + 2.0 ** -11 * extra
+
+
 def round_mantissa(data: np.ndarray, bits: int) -> np.ndarray:
     """float16 ``data`` with its mantissa rounded to ``bits`` of float16's 10 bits (round half away from zero on
     the magnitude): relative error <= 2**-(bits + 1) of each value. Fewer bits leave runs that compress better."""
-    if not 1 <= bits <= FLOAT16_MANTISSA_BITS:
-        raise CamStoreError(f"mantissa_bits must be in 1..{FLOAT16_MANTISSA_BITS}, got {bits}")
+    _check_mantissa_bits(bits)
     drop = FLOAT16_MANTISSA_BITS - bits
     if drop == 0:
         return data
@@ -125,8 +137,8 @@ class CamStore:
 
         Values are written as float16 with ``mantissa_bits`` of its 10 mantissa bits (:func:`round_mantissa`)."""
         url = str(url)
-        _codecs(compressor)  # fail on a bad argument before touching storage
-        round_mantissa(np.zeros(1, np.float16), mantissa_bits)
+        _codecs(compressor)  # fail on bad arguments before touching storage
+        _check_mantissa_bits(mantissa_bits)
         class_names = [str(c) for c in class_names]
         try:
             group = _open_group(url, "r")
