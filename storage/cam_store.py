@@ -26,7 +26,7 @@ fields in [0, 1] with 50 % exact zeros, sharded as above, LocalStore, a loaded C
 
 Trained CAMs have few exact zeros and compress worse: on the demo's (bench/cam_store.py --store) blosc-lz4 keeps
 27.4 % of the float32 bytes, blosc-zstd 22.2 %, and blosc-zstd with 8 of float16's 10 mantissa bits
-(``mantissa_bits``, :func:`round_mantissa`) 15.7 %, the default: relative error <= 2**-9 + 2**-11, the demo's CAM
+(``mantissa_bits``, :func:`round_mantissa`) 15.7 %, the default (bound: :func:`error_bound`); the demo's CAM
 and pseudo-label figures within 0.2 mIoU (docs/cam.md). Bit-shuffle does not help float16. Zstd level 0 means the
 library default (3) and gives identical output.
 
@@ -80,12 +80,17 @@ def _check_mantissa_bits(bits: int) -> None:
         raise CamStoreError(f"mantissa_bits must be in 1..{FLOAT16_MANTISSA_BITS}, got {bits}")
 
 
-def relative_error_bound(bits: int) -> float:
-    """Bound on |stored - x| / |x| of a float32 value x (within float16's normal range) in a store of ``bits``:
-    float16's rounding (2**-11) and then the mantissa rounding (2**-(bits + 1))."""
+def error_bound(bits: int) -> tuple[float, float]:
+    """(relative, absolute) with |stored - x| <= relative * |x| + absolute for a float32 value x within float16's
+    range, in a store of ``bits``: float16's rounding (2**-11 relative; half its 2**-24 subnormal step) and then the
+    mantissa rounding (2**-(bits + 1) relative; 2**(9 - bits) subnormal steps below float16's normal range,
+    |x| < 6.1e-5, where the mantissa carries the value's magnitude)."""
     _check_mantissa_bits(bits)
-    extra = 0.0 if bits == FLOAT16_MANTISSA_BITS else 2.0 ** -(bits + 1)
-    return 2.0 ** -11 + extra + 2.0 ** -11 * extra
+    drop = FLOAT16_MANTISSA_BITS - bits
+    relative_m = 2.0 ** -(bits + 1) if drop else 0.0
+    absolute_m = 2.0 ** (drop - 1) * 2.0 ** -24 if drop else 0.0
+    relative = 2.0 ** -11 + relative_m * (1 + 2.0 ** -11)
+    return relative, 2.0 ** -25 * (1 + relative_m) + absolute_m
 
 
 def round_mantissa(data: np.ndarray, bits: int) -> np.ndarray:
@@ -201,7 +206,7 @@ class CamStore:
         """Store P (``proto_cam``) and K (``cam``), each (len(keys), H, W), of one image; overwrites a previous one.
 
         ``keys`` are the int class indices of the planes (background 0 first). Values are stored as float16 with
-        the store's ``mantissa_bits`` (relative error <= 2**-(mantissa_bits + 1): 10 bits <= 5e-4 in [0, 1]).
+        the store's ``mantissa_bits``, within :func:`error_bound` (10 bits: <= 5e-4 in [0, 1]).
         """
         if not self._writable:
             raise CamStoreError(f"CAM store {self.url} was opened read-only; use CamStore.create to write")

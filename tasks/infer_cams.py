@@ -45,7 +45,8 @@ class InferCamsConfig(BaseModel):
                                                             "(bench/cam_store.py measures them on trained CAMs)")
     mantissa_bits: int = Field(
         DEFAULT_MANTISSA_BITS, ge=1, le=10,
-        description="float16 mantissa bits kept in the CAM store: relative error <= 2**-(bits + 1) + 2**-11; "
+        description="float16 mantissa bits kept in the CAM store: relative error <= 2**-(bits + 1) + 2**-11 "
+                    "(plus 2**(9 - bits) subnormal steps below 6.1e-5, storage.cam_store.error_bound); "
                     "10 = plain float16")
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
-from storage.cam_store import FLOAT16_MANTISSA_BITS, CamStore, CamStoreError, round_mantissa
+from storage.cam_store import FLOAT16_MANTISSA_BITS, CamStore, CamStoreError, error_bound, round_mantissa
 
 CLASSES = ["background", "aeroplane", "bicycle", "bird"]
 
@@ -71,6 +71,15 @@ def test_round_mantissa_rounds_to_nearest_with_the_kept_bits():
         round_mantissa(values, 0)
     with pytest.raises(CamStoreError, match="mantissa_bits"):
         make("memory://bad-bits/cams.zarr", mantissa_bits=11)
+
+
+@pytest.mark.parametrize("bits", [10, 8, 5])
+def test_stored_values_stay_within_the_error_bound_subnormals_included(bits):
+    x = np.concatenate([np.geomspace(1e-8, 2.0, 20000), -np.geomspace(1e-8, 2.0, 20000)]).astype(np.float32)
+    stored = round_mantissa(x.astype(np.float16), bits).astype(np.float32)
+    relative, absolute = error_bound(bits)
+    assert (np.abs(stored - x) <= relative * np.abs(x) + absolute).all()
+    assert absolute < 1e-6 and relative < 2.0 ** -bits  # a bound that says something
 
 
 def test_attrs_and_ids(url):
