@@ -227,7 +227,7 @@ def format_name(compressor: str, mantissa_bits: int) -> str:
 
 
 FORMATS = [(comp, cam_store.FLOAT16_MANTISSA_BITS) for comp in cam_store._COMPRESSORS] + [
-    ("blosc-lz4", 8), ("blosc-zstd", 9), ("blosc-zstd", 8), ("blosc-zstd", 7)]
+    ("blosc-lz4", 8), ("blosc-zstd", 9), ("blosc-zstd", 8), ("blosc-zstd", 7), ("delta-blosc-zstd", 8)]
 DEFAULT_FORMAT = (cam_store.DEFAULT_COMPRESSOR, cam_store.DEFAULT_MANTISSA_BITS)
 
 

@@ -41,13 +41,15 @@ class InferCamsConfig(BaseModel):
     amp: bool = Field(False, description="fp16 autocast on CUDA (parity tests and CPU runs use fp32)")
     cpu_streams: int = Field(0, ge=0, description="CPU: images computed at once, each with threads/streams "
                                                   "intra-op threads; 0 = one per intra-op thread")
-    compressor: str = Field(DEFAULT_COMPRESSOR, description="CAM store codec: blosc-zstd, blosc-lz4, zstd or none "
-                                                            "(bench/cam_store.py measures them on trained CAMs)")
+    compressor: str = Field(DEFAULT_COMPRESSOR, description="CAM store codec: delta-blosc-zstd (lossless delta of the "
+                                                            "float16 bit patterns, then Blosc-Zstd), blosc-zstd, "
+                                                            "blosc-lz4, zstd or none (bench/cam_store.py measures "
+                                                            "them on trained CAMs)")
     mantissa_bits: int = Field(
         DEFAULT_MANTISSA_BITS, ge=1, le=10,
         description="float16 mantissa bits kept in the CAM store: relative error <= 2**-(bits + 1) + 2**-11 "
                     "(plus 2**(9 - bits) subnormal steps below 6.1e-5, storage.cam_store.error_bound); "
-                    "10 = plain float16")
+                    "10 = plain float16 (the default)")
 
 
 def union_of_splits(splits: list[Split]) -> Split:
