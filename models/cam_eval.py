@@ -6,7 +6,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from models.metrics import ConfusionMatrix
+from models.metrics import ConfusionMatrix, stacked_confusion
 
 DEFAULT_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
 
@@ -44,9 +44,12 @@ class ThresholdSweep:
         """``target`` (H, W) ground truth; ``foreground`` (C', H, W) scores. Without ``keys`` channel c is class
         c + 1; with ``keys`` (background + the classes of the channels, as stored CAMs have) channel c is class
         ``keys[c + 1]``."""
-        for threshold, matrix in zip(self.thresholds, self.matrices):
-            labels = threshold_labels(foreground, threshold)
-            matrix.update(target, labels if keys is None else keys[labels])
+        best, index = foreground.max(dim=0)
+        thresholds = torch.tensor(self.thresholds, dtype=best.dtype).view(-1, 1, 1)
+        labels = torch.where(best[None] > thresholds, index[None] + 1, 0)  # threshold_labels for every threshold
+        counts = stacked_confusion(target, labels if keys is None else keys[labels], self.matrices[0].num_classes)
+        for matrix, count in zip(self.matrices, counts):
+            matrix.matrix += count
 
     def results(self, class_names: Sequence[str]) -> dict:
         """The mIoU curve, the best threshold and the full scores at that threshold."""

@@ -49,16 +49,19 @@ class MeanShift(nn.Module):
 
 
 class IRNet(nn.Module):
-    """IRN on a fully frozen ResNet: ``forward`` returns edge logits (N, 1, h, w) and displacements (N, 2, h, w)
-    at stride 4, with (h, w) = :func:`feature_size` of the input.
+    """IRN on a frozen ResNet: ``forward`` returns edge logits (N, 1, h, w) and displacements (N, 2, h, w) at
+    stride 4, with (h, w) = :func:`feature_size` of the input.
 
-    The backbone stays in eval mode and runs without autograd whatever ``train()`` is called with.
+    The backbone's BatchNorm stays in eval mode whatever ``train()`` is called with. Its weights are frozen and run
+    without autograd (the reference), unless ``train_backbone``: then every stage gets gradients
+    (:meth:`backbone_parameters`), a deviation for backbones without ImageNet features.
     """
 
-    def __init__(self, backbone: str = "resnet50"):
+    def __init__(self, backbone: str = "resnet50", train_backbone: bool = False):
         super().__init__()
-        self.backbone = ResNetBackbone(backbone, trainable_from=4, norm="frozen")
-        self.backbone.requires_grad_(False)
+        self.train_backbone = train_backbone
+        self.backbone = ResNetBackbone(backbone, trainable_from=0 if train_backbone else 4, norm="frozen")
+        self.backbone.requires_grad_(train_backbone)
         stem = self.backbone.stage0[0]
         assert isinstance(stem, nn.Conv2d), stem
         c0 = stem.out_channels
@@ -89,10 +92,14 @@ class IRNet(nn.Module):
         return ([p for m in self.edge_layers() for p in m.parameters()],
                 [p for m in self.displacement_layers() for p in m.parameters()])
 
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """The backbone's weights when ``train_backbone``, else none."""
+        return list(self.backbone.parameters()) if self.train_backbone else []
+
     def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Outputs of stage0..stage4 (strides 4, 4, 8, 16, 16), computed without autograd."""
+        """Outputs of stage0..stage4 (strides 4, 4, 8, 16, 16), without autograd unless ``train_backbone``."""
         features = []
-        with torch.no_grad():
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_backbone):
             for stage in self.backbone.stages:
                 x = stage(x)
                 features.append(x)

@@ -62,6 +62,20 @@ class ConfusionMatrix:
         }
 
 
+def stacked_confusion(target: torch.Tensor | np.ndarray, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(T, K, K) confusion counts of T predictions (T, ...) of one ``target`` (...) in one ``bincount``, each
+    counted as :meth:`ConfusionMatrix.update` counts it."""
+    flat_target = _as_long(target)
+    flat = predictions.reshape(predictions.shape[0], -1).long()
+    if flat.shape[1] != flat_target.numel():
+        raise ValueError(f"target and prediction sizes differ: {flat_target.numel()} vs {flat.shape[1]}")
+    k, count = num_classes, flat.shape[0]
+    keep = (flat_target >= 0) & (flat_target < k)
+    flat = torch.where((flat >= 0) & (flat < k), flat, torch.zeros_like(flat))[:, keep]
+    index = torch.arange(count)[:, None] * (k * k) + flat_target[keep][None] * k + flat
+    return torch.bincount(index.flatten().cpu(), minlength=count * k * k).view(count, k, k)
+
+
 def _as_long(values: torch.Tensor | np.ndarray) -> torch.Tensor:
     """A flat int64 tensor (numpy arrays, read-only ones included, are converted to int64 first: a copy)."""
     if isinstance(values, np.ndarray):

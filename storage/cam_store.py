@@ -3,7 +3,8 @@
 Layout (Zarr format 3, any fsspec URL or local path, e.g. ``runs/<run>/cams.zarr``)::
 
     cams.zarr/                       group, attributes: sfc_cam_store=1, config_hash, checkpoint_hash, class_names
-    cams.zarr/<image_id>/            one float16 array per image, shape (2, len(keys), H, W):
+    cams.zarr/<image_id>/            one array per image (float16, or its bit patterns as int16 with the delta
+                                     codec), shape (2, len(keys), H, W):
                                      [0] = P (prototype CAM), [1] = K (PCM CAM); attributes keys, size=[H, W], complete
     cams.zarr/<image_id>/c/0/0/0/0   the whole image in ONE shard file; inside it one chunk per class plane (1, 1, H, W)
 
@@ -14,21 +15,12 @@ Concurrency: processes may write *different* images into one store at the same t
 the group is opened with mode "a" / "r+", never "w", and metadata is never consolidated). Never write the same
 image from two processes at once, and do not read an image while it is being rewritten.
 
-Compression (``compressor=``), measured on CAM-like float16 data (12 images of 2 x 3 planes of 300 x 400 smooth
-fields in [0, 1] with 50 % exact zeros, sharded as above, LocalStore, a loaded CPU so speeds are rough)::
-
-    compressor                        size vs float16   vs float32 .npy   write MB/s   read MB/s
-    "blosc-lz4"  lz4, byte shuffle         2.33x             4.67x           75-85      220-235
-    "zstd"       Zstd level 3              2.21x             4.41x           41-50      177-190
-    (Zstd level 1)                         2.20x             4.40x           56-71      120-205
-    "blosc-zstd" zstd 3, byte shuffle      2.82x             5.63x           35-39      190-205
-    "none"                                 1.00x             2.00x           85-113     300-375
-
-Trained CAMs have few exact zeros and compress worse: on the demo's (bench/cam_store.py --store) blosc-lz4 keeps
-27.4 % of the float32 bytes, blosc-zstd 22.2 %, and blosc-zstd with 8 of float16's 10 mantissa bits
-(``mantissa_bits``, :func:`round_mantissa`) 15.7 %, the default (bound: :func:`error_bound`); the demo's CAM
-and pseudo-label figures within 0.2 mIoU (docs/cam.md). Bit-shuffle does not help float16. Zstd level 0 means the
-library default (3) and gives identical output.
+Compression (``compressor=``), measured on the demo's trained CAMs (bench/cam_store.py --store, bytes on disk over
+the float32 payload; docs/cam.md): "delta-blosc-zstd" (default) 16.5 %, lossless on float16: the float16 bit
+patterns are stored as int16 through numcodecs' Delta filter (each value minus its left neighbour, exact in
+integers), then Blosc-Zstd 3 with byte shuffle; "blosc-zstd" 22.2 %, "blosc-lz4" 27.4 %, "zstd" 29.4 %, "none".
+``mantissa_bits`` below 10 (:func:`round_mantissa`, bound :func:`error_bound`) trade exactness for size (8 bits with
+delta: 12.1 %). Bit-shuffle does not help float16.
 
 Only numpy, zarr and (for directory listings) fsspec are needed here: no torch, no prefect.
 """

@@ -46,6 +46,10 @@ class MakePseudoLabelsConfig(BaseModel):
         EDGE_CANVAS, ge=0, description="random walk: side of the zero-padded square on which IRN computes the "
                                        "boundary map (the reference: 512; a larger image gets its longer side "
                                        "rounded up to a multiple of 16); 0: pad each side to a multiple of 16 only")
+    walk_scale: float = Field(
+        1, ge=1, le=4, description="random walk: image and CAMs upscaled by this before IRN's boundary map and the "
+                                   "walk, the walked scores brought back (the reference: 1; for small images, whose "
+                                   "stride-4 grid is coarse, docs/demo.md); edge_canvas is scaled with it")
     bg_threshold: float | None = Field(
         None, ge=0, le=1, description="crf / none: background score against the foreground scores in [0, 1] "
                                       "(tasks.eval_cam's best threshold); null: the stored background channel")
@@ -86,7 +90,7 @@ def make_pseudo_labels(cfg: MakePseudoLabelsConfig, store_url: str, split_url: s
     workers = 1 if on_accelerator else cfg.workers or default_workers()
     job = PseudoLabelJob(store_url, out_dir, cfg.method, cfg.proto_weight, cfg.bg_threshold, cfg.gt_prob,
                          cfg.crf.params(), cfg.random_walk_params(), str(torch_device), irn_checkpoint_url,
-                         cfg.edge_canvas, max(1, default_workers() // workers))
+                         cfg.edge_canvas, max(1, default_workers() // workers), cfg.walk_scale)
     manifest = write_all(job, split, out_dir, workers, f"make_pseudo_labels[{cfg.method}]", shard)
     manifest.update({"method": cfg.method, "device": str(torch_device), "irn_checkpoint": irn_checkpoint_url,
                      "settings_digest": digest})

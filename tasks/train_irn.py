@@ -60,6 +60,9 @@ class TrainIrnConfig(BaseModel):
     max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
     lr: float = Field(0.1, gt=0, description="edge branch learning rate")
     displacement_lr_mult: float = Field(10.0, gt=0, description="displacement branch lr = lr x this")
+    backbone_lr_mult: float = Field(
+        0, ge=0, description="0: the backbone stays frozen (the reference); > 0: it is trained too, with lr x this "
+                             "(a deviation for backbones without ImageNet features, docs/demo.md)")
     weight_decay: float = Field(1e-4, ge=0)
     momentum: float = Field(1e-4, ge=0, lt=1, description="reference quirk: weight decay passed as momentum")
     poly_power: float = Field(0.9, ge=0)
@@ -85,7 +88,7 @@ class TrainIrnConfig(BaseModel):
 
 
 def build_model(cfg: TrainIrnConfig) -> IRNet:
-    model = IRNet(cfg.backbone)
+    model = IRNet(cfg.backbone, train_backbone=cfg.backbone_lr_mult > 0)
     unresolved_cam_weights("train_irn", cfg.weights)
     if cfg.weights:
         load_backbone_weights(model.backbone, cfg.weights)
@@ -140,12 +143,14 @@ def train_irn(
     total_steps = cfg.max_steps or cfg.epochs * training.steps_per_epoch(len(split.ids), cfg.batch_size, ranks,
                                                                          split_url)
     optimizer, scheduler = poly_sgd(model.parameter_groups(), cfg.lr, cfg.displacement_lr_mult, cfg.weight_decay,
-                                    cfg.momentum, total_steps, cfg.poly_power)
+                                    cfg.momentum, total_steps, cfg.poly_power,
+                                    extra_groups=[(model.backbone_parameters(), cfg.backbone_lr_mult)]
+                                    if model.train_backbone else ())
     paths = PathIndex(cfg.radius, feature_size(cfg.crop, cfg.crop)).to(torch_device)
     num_labels = len(split.class_names)
 
-    # the frozen backbone is left out of step checkpoints (it is rebuilt identically)
-    solver = Solver(model, optimizer, scheduler, frozen_prefix="backbone.")
+    # a frozen backbone is left out of step checkpoints (it is rebuilt identically)
+    solver = Solver(model, optimizer, scheduler, frozen_prefix=None if model.train_backbone else "backbone.")
     trainer = Trainer("train_irn", solver, ranks, torch_device, tracker, total_steps, out_dir, cfg_hash)
     trainer.resume()
     train_model = ranks.wrap(model, torch_device)

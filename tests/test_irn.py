@@ -141,6 +141,18 @@ def test_forward_shapes_for_odd_sizes_and_frozen_backbone(net):
         net.eval()
 
 
+def test_trained_backbone_gets_gradients_and_keeps_its_batchnorm_statistics():
+    torch.manual_seed(0)
+    net = IRNet("resnet_mini", train_backbone=True).train()
+    statistics = {k: v.clone() for k, v in net.backbone.state_dict().items() if "running" in k}
+    edge, displacement = net(torch.randn(2, 3, 64, 64))
+    (edge.sum() + displacement.sum()).backward()
+    assert not net.backbone.training and net.backbone_parameters()
+    assert all(p.grad is not None for p in net.backbone_parameters())
+    assert all(torch.equal(v, net.backbone.state_dict()[k]) for k, v in statistics.items())
+    assert IRNet("resnet_mini").backbone_parameters() == []
+
+
 def reference_edge(net: IRNet, image: torch.Tensor, crop_size: int = 512, stride: int = 4) -> torch.Tensor:
     """The reference's ``EdgeDisplacement.forward`` on [image, flip(image)]: pad to crop_size x crop_size, crop the
     stride-4 logits, average the flips' logits, sigmoid."""
@@ -219,22 +231,29 @@ def test_training_writes_irn_with_mean_shift_and_is_not_redone(data, tmp_path, m
     assert _run(data, tmp_path / "run", max_steps=2)["checkpoint"] == manifest["checkpoint"]
 
 
-def test_killed_training_resumes_to_identical_weights(data, tmp_path, monkeypatch):
-    reference = checkpoints.load(_run(data, tmp_path / "full")["checkpoint"])["model"]
+@pytest.mark.parametrize("backbone_lr_mult", [0, 0.1])
+def test_killed_training_resumes_to_identical_weights(data, tmp_path, monkeypatch, backbone_lr_mult):
+    def run(out_dir):
+        return checkpoints.load(_run(data, out_dir, backbone_lr_mult=backbone_lr_mult)["checkpoint"])["model"]
+
+    reference = run(tmp_path / "full")
 
     kill_on_call(monkeypatch, train_module, "irn_losses", 4)
     with pytest.raises(KeyboardInterrupt):
-        _run(data, tmp_path / "killed")
+        _run(data, tmp_path / "killed", backbone_lr_mult=backbone_lr_mult)
     monkeypatch.undo()
     assert [s for s, _ in checkpoints.step_checkpoints(str(tmp_path / "killed" / "checkpoints"))] == [2]
     assert not fs.exists(str(tmp_path / "killed" / "irn.pt"))
 
     calls, real = [], train_module.irn_losses
     monkeypatch.setattr(train_module, "irn_losses", lambda *a, **k: calls.append(1) or real(*a, **k))
-    resumed = checkpoints.load(_run(data, tmp_path / "killed")["checkpoint"])["model"]
+    resumed = run(tmp_path / "killed")
     assert len(calls) == 2  # steps 3 and 4 only
     for key, value in reference.items():
         assert torch.equal(value, resumed[key]), key
+    torch.manual_seed(3)  # the run's seed: TINY has no weights, so this is the backbone the run started from
+    initial = IRNet("resnet18").backbone.state_dict()
+    assert any(not torch.equal(v, reference[f"backbone.{k}"]) for k, v in initial.items()) == (backbone_lr_mult > 0)
 
 
 def test_missing_or_wrong_sized_ir_label_is_named(data, tmp_path):

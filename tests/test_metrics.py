@@ -2,10 +2,11 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from models.cam_eval import ThresholdSweep, threshold_labels
-from models.metrics import ConfusionMatrix
+from models.metrics import ConfusionMatrix, stacked_confusion
 
 NAMES = ("background", "a", "b")
 
@@ -78,3 +79,18 @@ def test_sweep_maps_channels_through_keys():
     sweep = ThresholdSweep(8, thresholds=(0.5,))
     sweep.update(target, fg, keys=torch.tensor([0, 7, 3]))
     assert sweep.results([str(i) for i in range(8)])["miou"] == [1.0]
+
+
+def test_stacked_confusion_counts_each_prediction_as_a_confusion_matrix():
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 5, (7, 9))
+    target[0, :3] = 255  # ignored
+    predictions = torch.from_numpy(rng.integers(0, 5, (3, 7, 9)))
+    predictions[1, 2, :4] = 255  # counted as background
+    stacked = stacked_confusion(target, predictions, 5)
+    for prediction, counts in zip(predictions, stacked):
+        single = ConfusionMatrix(5)
+        single.update(target, prediction)
+        assert torch.equal(counts, single.matrix)
+    with pytest.raises(ValueError, match="sizes differ"):
+        stacked_confusion(target, predictions[:, :6], 5)

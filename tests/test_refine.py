@@ -159,10 +159,11 @@ def irn_checkpoint(setup):
     return url
 
 
-@pytest.mark.parametrize("method,workers", [("none", 1), ("crf", 2), ("irn", 1)])
-def test_every_method_writes_valid_label_pngs(setup, irn_checkpoint, one_torch_thread, tmp_path, method, workers):
+@pytest.mark.parametrize("method,workers,walk_scale", [("none", 1, 1), ("crf", 2, 1), ("irn", 1, 1), ("irn", 1, 1.5)])
+def test_every_method_writes_valid_label_pngs(setup, irn_checkpoint, one_torch_thread, tmp_path, method, workers,
+                                               walk_scale):
     root, split_url, store_url, split = setup
-    cfg = MakePseudoLabelsConfig(method=method, workers=workers)
+    cfg = MakePseudoLabelsConfig(method=method, workers=workers, walk_scale=walk_scale)
     manifest = make_pseudo_labels(cfg, store_url, split_url, str(tmp_path), "cpu", irn_checkpoint_url=irn_checkpoint)
     assert (manifest["written"], manifest["method"]) == (len(split.ids), method)
     assert len(manifest["settings_digest"]) == 16

@@ -1,16 +1,19 @@
 """The per-image work of the pseudo-label stage, run in worker processes or in the caller's (imports no prefect)."""
 from __future__ import annotations
 
+import math
 import multiprocessing
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from models.crf import CrfParams
-from models.pseudo_labels import RandomWalkParams, cam_labels, crf_labels, random_walk_labels
+from models.irn import STRIDE
+from models.pseudo_labels import RandomWalkParams, cam_labels, crf_labels, random_walk_labels, random_walk_scores
 from storage.datasets.cam_training import normalized_tensor
 from tasks.engine.irn_checkpoint import load_irn
 from tasks.engine.label_maps import load_image_and_cams, write_labels
@@ -51,6 +54,7 @@ class PseudoLabelJob:
     irn_checkpoint: str | None
     edge_canvas: int
     threads: int
+    walk_scale: float = 1.0
 
     def __call__(self, item: tuple[str, str]) -> np.ndarray:
         if multiprocessing.parent_process() is not None and torch.get_num_threads() != self.threads:
@@ -63,8 +67,25 @@ class PseudoLabelJob:
             labels = crf_labels(image, keys, proto_cam, cam, self.proto_weight, self.bg_threshold, self.gt_prob,
                                 self.crf)
         else:
-            edge = edge_map_of(image, self.irn_checkpoint, self.device, self.edge_canvas).to(self.device, torch.float32)
             with torch.no_grad():
-                labels = random_walk_labels(keys, torch.from_numpy(proto_cam).to(self.device),
-                                            torch.from_numpy(cam).to(self.device), edge, self.walk)
+                labels = self._walk_labels(image, keys, proto_cam, cam)
         return write_labels(self.out_dir, image_id, labels)
+
+    def _walk_labels(self, image: np.ndarray, keys: np.ndarray, proto_cam: np.ndarray,
+                     cam: np.ndarray) -> np.ndarray:
+        """The random walk on IRN's boundaries, with image and CAMs first upscaled by ``walk_scale`` (the walked
+        scores brought back to the image's size before the argmax)."""
+        proto, fused = torch.from_numpy(proto_cam).to(self.device), torch.from_numpy(cam).to(self.device)
+        if self.walk_scale == 1:
+            edge = edge_map_of(image, self.irn_checkpoint, self.device, self.edge_canvas).to(torch.float32)
+            return random_walk_labels(keys, proto, fused, edge, self.walk)
+        height, width = cam.shape[1:]
+        size = (round(height * self.walk_scale), round(width * self.walk_scale))
+        canvas = math.ceil(self.edge_canvas * self.walk_scale / STRIDE) * STRIDE
+        big_image = np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
+        edge = edge_map_of(big_image, self.irn_checkpoint, self.device, canvas).to(torch.float32)
+        proto, fused = (F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+                        for x in (proto, fused))
+        scores = random_walk_scores(keys, proto, fused, edge, self.walk)
+        scores = F.interpolate(scores[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+        return np.asarray(keys)[scores.argmax(0).cpu().numpy()].astype(np.uint8)
