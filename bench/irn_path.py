@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from functools import partial
 from multiprocessing import Pool
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.refine_quality import gt_edges  # noqa: E402
+from models.irn import STRIDE  # noqa: E402
 from models.metrics import ConfusionMatrix  # noqa: E402
 from models.pseudo_labels import RandomWalkParams, cam_labels, random_walk_scores  # noqa: E402
 from storage.datasets.split_files import load_split_file  # noqa: E402
@@ -70,7 +72,7 @@ def score_image(item: tuple[str, str, str], store_url: str, irn: str, ir_dir: st
                 edges[source, scale] = gt_edges(resized(mask, size, "nearest").numpy().astype(np.uint8), F.max_pool2d)
             else:
                 big = np.array(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
-                edges[source, scale] = edge_map_of(big, irn, "cpu", canvas * scale).float()
+                edges[source, scale] = edge_map_of(big, irn, "cpu", math.ceil(canvas * scale / STRIDE) * STRIDE).float()
         scores = random_walk_scores(keys, resized(proto_cam, size, "bilinear"), resized(cam, size, "bilinear"),
                                     edges[source, scale], RandomWalkParams(**params))
         index = resized(scores.numpy(), (height, width), "bilinear").argmax(0).numpy()
