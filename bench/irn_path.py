@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from bench.refine_quality import gt_edges  # noqa: E402
 from models.irn import STRIDE  # noqa: E402
 from models.metrics import ConfusionMatrix  # noqa: E402
-from models.pseudo_labels import RandomWalkParams, cam_labels, random_walk_scores  # noqa: E402
+from models.pseudo_labels import RandomWalkParams, cam_labels, upscaled_walk_labels  # noqa: E402
 from storage.datasets.split_files import load_split_file  # noqa: E402
 from storage.images import IGNORE_INDEX, read_mask  # noqa: E402
 from tasks.engine.label_maps import load_image_and_cams  # noqa: E402
@@ -61,22 +61,23 @@ def score_image(item: tuple[str, str, str], store_url: str, irn: str, ir_dir: st
     ir = np.array(Image.open(f"{ir_dir}/{image_id}.png"))
     labels = {"cam_k (stored background)": cam_labels(keys, proto_cam, cam, 0.0),
               "ir_labels": np.where(ir == IGNORE_INDEX, 0, ir)}
-    height, width = mask.shape
     edges: dict = {}
+
+    def edge_at(source: str, scale: float, size: tuple[int, int]) -> torch.Tensor:
+        if (source, size) not in edges:
+            if source == "gt":
+                edges[source, size] = gt_edges(resized(mask, size, "nearest").numpy().astype(np.uint8), F.max_pool2d)
+            else:
+                big = image if size == image.shape[:2] else np.array(Image.fromarray(image).resize(size[::-1],
+                                                                                               Image.BILINEAR))
+                edges[source, size] = edge_map_of(big, irn, "cpu", math.ceil(canvas * scale / STRIDE) * STRIDE).float()
+        return edges[source, size]
+
     for name, spec in variants.items():
         params = dict(spec)
         source, scale = params.pop("edge", "irn"), params.pop("scale", 1)
-        size = (round(height * scale), round(width * scale))
-        if (source, scale) not in edges:
-            if source == "gt":
-                edges[source, scale] = gt_edges(resized(mask, size, "nearest").numpy().astype(np.uint8), F.max_pool2d)
-            else:
-                big = np.array(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
-                edges[source, scale] = edge_map_of(big, irn, "cpu", math.ceil(canvas * scale / STRIDE) * STRIDE).float()
-        scores = random_walk_scores(keys, resized(proto_cam, size, "bilinear"), resized(cam, size, "bilinear"),
-                                    edges[source, scale], RandomWalkParams(**params))
-        index = resized(scores.numpy(), (height, width), "bilinear").argmax(0).numpy()
-        labels[name] = np.asarray(keys)[index].astype(np.uint8)
+        labels[name] = upscaled_walk_labels(keys, torch.from_numpy(proto_cam), torch.from_numpy(cam),
+                                            partial(edge_at, source, scale), RandomWalkParams(**params), scale)
     return mask, labels
 
 

@@ -28,14 +28,7 @@ class ConfusionMatrix:
         return confusion
 
     def update(self, target: torch.Tensor | np.ndarray, prediction: torch.Tensor | np.ndarray) -> None:
-        target, prediction = _as_long(target), _as_long(prediction)
-        if target.shape != prediction.shape:
-            raise ValueError(f"target and prediction sizes differ: {target.numel()} vs {prediction.numel()}")
-        k = self.num_classes
-        keep = (target >= 0) & (target < k)
-        prediction = torch.where((prediction >= 0) & (prediction < k), prediction, torch.zeros_like(prediction))
-        index = target[keep] * k + prediction[keep]
-        self.matrix += torch.bincount(index.cpu(), minlength=k * k).view(k, k)
+        self.matrix += stacked_confusion(target, _as_long(prediction)[None], self.num_classes)[0]
 
     def scores(self, class_names: Sequence[str]) -> dict:
         """mIoU, pixel accuracy, and per-class IoU / precision / recall keyed by class name.
@@ -72,7 +65,7 @@ def stacked_confusion(target: torch.Tensor | np.ndarray, predictions: torch.Tens
     k, count = num_classes, flat.shape[0]
     keep = (flat_target >= 0) & (flat_target < k)
     flat = torch.where((flat >= 0) & (flat < k), flat, torch.zeros_like(flat))[:, keep]
-    index = torch.arange(count)[:, None] * (k * k) + flat_target[keep][None] * k + flat
+    index = torch.arange(count, device=flat.device)[:, None] * (k * k) + flat_target[keep][None] * k + flat
     return torch.bincount(index.flatten().cpu(), minlength=count * k * k).view(count, k, k)
 
 

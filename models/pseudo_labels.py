@@ -2,6 +2,7 @@
 the plain CAM argmax. Pure torch/numpy (the CRF path needs pydensecrf, imported lazily by ``models.crf``)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +71,23 @@ def random_walk_labels(keys: np.ndarray, proto_cam: torch.Tensor, cam: torch.Ten
     """(H, W) uint8 class indices: ``keys[argmax]`` of :func:`random_walk_scores`."""
     index = random_walk_scores(keys, proto_cam, cam, edge, params).argmax(0).cpu().numpy()
     return np.asarray(keys)[index].astype(np.uint8)
+
+
+def upscaled_walk_labels(keys: np.ndarray, proto_cam: torch.Tensor, cam: torch.Tensor,
+                         edge_at: Callable[[tuple[int, int]], torch.Tensor], params: RandomWalkParams,
+                         scale: float) -> np.ndarray:
+    """:func:`random_walk_labels` with both CAMs first upscaled by ``scale`` (bilinear) and walked on
+    ``edge_at(size)``, the boundary map of the image at that size; the walked scores are brought back to the CAMs'
+    size (bilinear) before the argmax. ``scale`` 1 is :func:`random_walk_labels` itself."""
+    height, width = cam.shape[1:]
+    size = (round(height * scale), round(width * scale))
+    if size == (height, width):
+        return random_walk_labels(keys, proto_cam, cam, edge_at(size), params)
+    proto_cam, cam = (F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+                      for x in (proto_cam, cam))
+    scores = random_walk_scores(keys, proto_cam, cam, edge_at(size), params)
+    scores = F.interpolate(scores[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    return np.asarray(keys)[scores.argmax(0).cpu().numpy()].astype(np.uint8)
 
 
 def cam_label_index(proto_cam: np.ndarray, cam: np.ndarray, proto_weight: float,

@@ -8,12 +8,11 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from models.crf import CrfParams
 from models.irn import STRIDE
-from models.pseudo_labels import RandomWalkParams, cam_labels, crf_labels, random_walk_labels, random_walk_scores
+from models.pseudo_labels import RandomWalkParams, cam_labels, crf_labels, upscaled_walk_labels
 from storage.datasets.cam_training import normalized_tensor
 from tasks.engine.irn_checkpoint import load_irn
 from tasks.engine.label_maps import load_image_and_cams, write_labels
@@ -73,19 +72,13 @@ class PseudoLabelJob:
 
     def _walk_labels(self, image: np.ndarray, keys: np.ndarray, proto_cam: np.ndarray,
                      cam: np.ndarray) -> np.ndarray:
-        """The random walk on IRN's boundaries, with image and CAMs first upscaled by ``walk_scale`` (the walked
-        scores brought back to the image's size before the argmax)."""
-        proto, fused = torch.from_numpy(proto_cam).to(self.device), torch.from_numpy(cam).to(self.device)
-        if self.walk_scale == 1:
-            edge = edge_map_of(image, self.irn_checkpoint, self.device, self.edge_canvas).to(torch.float32)
-            return random_walk_labels(keys, proto, fused, edge, self.walk)
-        height, width = cam.shape[1:]
-        size = (round(height * self.walk_scale), round(width * self.walk_scale))
+        """The random walk on IRN's boundaries, on the image and CAMs upscaled by ``walk_scale`` (the canvas too)."""
         canvas = math.ceil(self.edge_canvas * self.walk_scale / STRIDE) * STRIDE
-        big_image = np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
-        edge = edge_map_of(big_image, self.irn_checkpoint, self.device, canvas).to(torch.float32)
-        proto, fused = (F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
-                        for x in (proto, fused))
-        scores = random_walk_scores(keys, proto, fused, edge, self.walk)
-        scores = F.interpolate(scores[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-        return np.asarray(keys)[scores.argmax(0).cpu().numpy()].astype(np.uint8)
+
+        def edge_at(size: tuple[int, int]) -> torch.Tensor:
+            scaled = image if size == image.shape[:2] else np.asarray(
+                Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
+            return edge_map_of(scaled, self.irn_checkpoint, self.device, canvas).to(torch.float32)
+
+        return upscaled_walk_labels(keys, torch.from_numpy(proto_cam).to(self.device),
+                                    torch.from_numpy(cam).to(self.device), edge_at, self.walk, self.walk_scale)
