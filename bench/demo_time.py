@@ -42,6 +42,7 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 def run_once(root: Path, overrides: list[str]) -> dict:
     """One demo flow in a fresh run directory: wall seconds, load averages, per-stage seconds, figures."""
     shutil.rmtree(root, ignore_errors=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
     args = [str(ROOT / ".venv" / "bin" / "sfc"), "run", "-c", str(CONFIG), f"run.root={root}", *overrides]
     load_before = os.getloadavg()[0]
     start = time.perf_counter()

@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("run", help="a finished run directory with its CAM store (e.g. runs/synthetic-demo)")
     parser.add_argument("out_dir", help="where the IR labels and the IRN go")
     parser.add_argument("--config", default=str(ROOT / "configs" / "synthetic.yaml"))
+    parser.add_argument("--ir-labels", default="{}", help="JSON overrides of the make_ir_labels section")
     parser.add_argument("--irn", default="{}", help="JSON overrides of the config's train_irn section")
     parser.add_argument("--variants", required=True, help="JSON: name -> random-walk variant")
     parser.add_argument("--seed", type=int, default=10)
@@ -93,7 +94,8 @@ def main() -> None:
     run, out = args.run, Path(args.out_dir)
     config = yaml.safe_load(Path(args.config).read_text())
     split_url, store_url = f"{run}/prepare_data/train_aug.json", f"{run}/infer_cams/cams.zarr"
-    make_ir_labels(MakeIrLabelsConfig(), store_url, split_url, str(out / "ir"))
+    ir_section = {**config.get("make_ir_labels", {}), **json.loads(args.ir_labels)}
+    make_ir_labels(MakeIrLabelsConfig(**ir_section), store_url, split_url, str(out / "ir"))
     section = {**config["train_irn"], "weights": f"{run}/train_cam/final.pt", **json.loads(args.irn)}
     irn_manifest = train_irn(TrainIrnConfig(**section), str(out / "ir"), split_url, str(out / "irn"), args.seed,
                              device="cpu")
@@ -108,7 +110,8 @@ def main() -> None:
             for name, label in labels.items():
                 matrices.setdefault(name, ConfusionMatrix(len(split.class_names))).update(mask, label)
     miou = {name: round(100 * m.scores(split.class_names)["miou"], 1) for name, m in matrices.items()}
-    results = {"run": run, "train_irn": section, "irn_seconds": irn_manifest["train_seconds"],
+    results = {"run": run, "make_ir_labels": ir_section, "train_irn": section,
+               "irn_seconds": irn_manifest["train_seconds"],
                "variants": json.loads(args.variants), "miou": miou}
     (out / "irn_path.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(miou, indent=2))
