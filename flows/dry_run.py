@@ -1,8 +1,10 @@
 """``sfc run --dry-run``: check a configuration's data folder and weights files in seconds, without running a
-stage, and say what the run would do (stages, image counts, training steps, disk for the CAM store).
+stage, and say what the run would do (stages, image counts, training steps, disk for the CAM store) and which
+figures the docs expect of it.
 
 Images are listed, not decoded (prepare_data decodes them); XML annotations are parsed for the image-level labels;
-weights files are loaded into the network that will use them. Every problem found is reported, not just the first.
+weights files are read and their keys and shapes checked against the network that will load them (built on the
+meta device). Every problem found is reported, not just the first.
 """
 from __future__ import annotations
 
@@ -15,15 +17,16 @@ import numpy as np
 import torch
 
 from flows.config import PipelineConfig
+from flows.expected import expected_figures
 from flows.stages import STAGE_NAMES, TRAINING_STAGES, select_stages
-from storage import fs
+from storage import checkpoints, fs
 from storage.datasets.catalog import DEFAULT_CLASSES
 from storage.datasets.voc_layout import MASK_FOLDERS, TRAIN_AUG, VOCLayoutDataset
-from storage.errors import DataError
+from storage.errors import CheckpointError, ConfigError, DataError
 from storage.images import BadImageError, image_size
 from tasks.infer_cams import store_url
 from tasks.prepare_data import SYNTHETIC_MARKER
-from tasks.runtime.weights import CAM_WEIGHTS, load_backbone_weights
+from tasks.runtime.weights import CAM_WEIGHTS, fit_weights
 
 # Size of the CAM store over its raw float16 payload, Blosc-LZ4 on CAM-like data (bench/cam_store.py: 17.6% of the
 # reference's float32 bytes)
@@ -62,22 +65,22 @@ def weights_problems(cfg: PipelineConfig, stages: Sequence[str] | None = None, s
             if stage in selected and (url := _weights(cfg, stage)) and not fs.exists(url)]
 
 
-def _load_weights(cfg: PipelineConfig, stage: str, num_classes: int) -> None:
-    """Load the stage's weights file into the network the stage builds, as training will."""
-    if stage == "train_cam":
-        from tasks.train_cam import build_model
-
-        build_model(cfg.train_cam, num_classes)
-    elif stage == "train_irn":
-        from models.irn import IRNet
-        load_backbone_weights(IRNet(cfg.train_irn.backbone).backbone, cfg.train_irn.weights)
-    else:
+def _network(cfg: PipelineConfig, stage: str, num_classes: int) -> torch.nn.Module:
+    """The network the stage's weights go into, built on the meta device (no memory, no initialisation cost)."""
+    section = getattr(cfg, stage).model_copy(update={"weights": None})
+    with torch.device("meta"):
+        if stage == "train_cam":
+            from tasks.train_cam import build_model
+            return build_model(section, num_classes).backbone
+        if stage == "train_irn":
+            from tasks.train_irn import build_model as build_irn
+            return build_irn(section).backbone
         from tasks.train_seg import build_segmenter
-
-        build_segmenter(cfg.train_seg, num_classes + 1)
+        return build_segmenter(section, num_classes + 1)
 
 
 def _check_weights(cfg: PipelineConfig, selected: list[str], num_classes: int, report: DryRun) -> None:
+    """Each weights file read and its keys and shapes checked against the network that will load it."""
     report.lines.append("weights:")
     for stage in (s for s in TRAINING_STAGES if s in selected):
         url = _weights(cfg, stage)
@@ -89,14 +92,14 @@ def _check_weights(cfg: PipelineConfig, selected: list[str], num_classes: int, r
             report.lines.append(f"  {stage}.weights: {url} MISSING")
             report.problems.append(f"{stage}.weights: weights file {url} does not exist")
         else:
-            backbone = getattr(cfg, stage).backbone
             try:
-                _load_weights(cfg, stage, num_classes)
-            except (ValueError, KeyError, RuntimeError) as err:
-                report.lines.append(f"  {stage}.weights: {url} DOES NOT FIT {backbone}")
-                report.problems.append(f"{stage}.weights: {url} does not fit {backbone} ({err})")
+                fitted = fit_weights(url, checkpoints.load_pretrained(url), _network(cfg, stage, num_classes),
+                                     getattr(getattr(cfg, stage), "weights_format", "torchvision"))
+            except (CheckpointError, ConfigError) as err:
+                report.lines.append(f"  {stage}.weights: {url} DOES NOT FIT")
+                report.problems.append(f"{stage}.weights: {err}")
             else:
-                report.lines.append(f"  {stage}.weights: {url} (loads into {backbone})")
+                report.lines.append(f"  {stage}.weights: {url}: {fitted.summary}")
 
 
 def _first(ids: Sequence[str], limit: int = 3) -> str:
@@ -258,4 +261,5 @@ def dry_run(cfg: PipelineConfig, stages: Sequence[str] | None = None, start: str
         report.lines.append(f"  {name:<20} {what}")
     if "infer_cams" in selected and found.get("train", ([], {}))[0]:
         _store_estimate(cfg, *found["train"], report)
+    report.lines.extend(expected_figures(cfg))
     return report

@@ -12,6 +12,12 @@ from torchvision.models import resnet
 BACKBONES = ("resnet_mini", "resnet18", "resnet34", "resnet50", "resnet101")
 MINI_WIDTHS = (32, 64, 128, 128)  # stage1..stage4 of resnet_mini: one BasicBlock each
 NORMS = ("frozen", "batch")
+STYLES = ("torchvision", "caffe")
+# The normalisation every dataset applies (storage/transforms.py): RGB in [0, 1], ImageNet mean and std
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The input of caffe-trained ResNets (DeepLab's caffemodels, deeplab-pytorch): BGR on 0..255 minus this RGB mean
+CAFFE_MEAN = (122.675, 116.669, 104.008)
 _BLOCKS = (resnet.BasicBlock, resnet.Bottleneck)  # the residual blocks of torchvision's ResNets
 
 
@@ -38,6 +44,23 @@ class StageChannels:
         return (self.stage1, self.stage2, self.stage3, self.stage4)
 
 
+class CaffeInput(nn.Module):
+    """The pipeline's normalised RGB input turned into the input of a caffe-trained ResNet: BGR on 0..255 minus
+    :data:`CAFFE_MEAN` (exact, padding included, as the conversion happens before the first convolution)."""
+
+    scale: torch.Tensor
+    offset: torch.Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        std, mean = torch.tensor(IMAGENET_STD), torch.tensor(IMAGENET_MEAN)
+        self.register_buffer("scale", (255 * std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("offset", (255 * mean - torch.tensor(CAFFE_MEAN)).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x * self.scale + self.offset).flip(1)
+
+
 class ResNetBackbone(nn.Module):
     """A torchvision ResNet cut into five stages with strides (2+2, 1, 2, 2, 1): output stride 16, no dilation.
 
@@ -46,9 +69,14 @@ class ResNetBackbone(nn.Module):
     Stages before ``trainable_from`` are frozen (no gradient, computed without autograd): with the default 3 the
     stem, layer1 and layer2 stay at their initial weights, which is what the reference's ``x2.detach()`` and
     ``requires_grad=False`` on conv1/bn1 amount to.
+    ``style="caffe"`` is the ResNet of caffe-trained weights (DeepLab's caffemodels as deeplab-pytorch converts
+    them): the stride of a stage's first Bottleneck on its first 1x1 convolution instead of the 3x3 one, the stem's
+    max pooling rounding up (``ceil_mode``), and :class:`CaffeInput` before the stem. Its state dict has the same
+    keys as the torchvision style.
     """
 
-    def __init__(self, name: str = "resnet50", trainable_from: int = 3, norm: str = "frozen"):
+    def __init__(self, name: str = "resnet50", trainable_from: int = 3, norm: str = "frozen",
+                 style: str = "torchvision"):
         super().__init__()
         if name not in BACKBONES:
             raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(BACKBONES)}")
@@ -56,12 +84,22 @@ class ResNetBackbone(nn.Module):
             raise ValueError(f"unknown norm {norm!r}; allowed: {', '.join(NORMS)}")
         if not 0 <= trainable_from <= 4:
             raise ValueError(f"trainable_from must be in 0..4, got {trainable_from}")
+        if style not in STYLES:
+            raise ValueError(f"unknown style {style!r}; allowed: {', '.join(STYLES)}")
+        if style == "caffe" and name not in ("resnet50", "resnet101"):
+            raise ValueError(f"style 'caffe' is a Bottleneck ResNet (resnet50, resnet101), not {name}")
         norm_layer = FrozenBatchNorm2d if norm == "frozen" else nn.BatchNorm2d
         net = resnet_mini(norm_layer) if name == "resnet_mini" else getattr(resnet, name)(weights=None,
                                                                                            norm_layer=norm_layer)
+        if style == "caffe":
+            for layer in (net.layer2, net.layer3, net.layer4):
+                layer[0].conv1.stride, layer[0].conv2.stride = layer[0].conv2.stride, (1, 1)
+            net.maxpool.ceil_mode = True
         _set_last_stage_stride_one(net.layer4)
         self.name = name
+        self.style = style
         self.trainable_from = trainable_from
+        self.input_adapter: nn.Module = CaffeInput() if style == "caffe" else nn.Identity()
         self.stage0 = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.stage1, self.stage2, self.stage3, self.stage4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.channels = StageChannels(*(block_out_channels(layer) for layer in (net.layer1, net.layer2, net.layer3,
@@ -76,6 +114,7 @@ class ResNetBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Return the outputs of stage1..stage4 (strides 4, 8, 16, 16)."""
         outputs = []
+        x = self.input_adapter(x)
         for index, stage in enumerate(self.stages):
             with torch.set_grad_enabled(torch.is_grad_enabled() and index >= self.trainable_from):
                 x = stage(x)
@@ -83,19 +122,28 @@ class ResNetBackbone(nn.Module):
                 outputs.append(x)
         return outputs
 
+    @staticmethod
+    def from_torchvision_key(key: str) -> str:
+        """Our name of a torchvision ResNet state-dict key (``conv1.*``, ``bn1.*``, ``layer<i>.*``)."""
+        head, _, rest = key.partition(".")
+        if head in ("conv1", "bn1"):
+            return f"stage0.{'0' if head == 'conv1' else '1'}.{rest}"
+        if head.startswith("layer") and head[5:].isdigit():
+            return f"stage{head[5:]}.{rest}"
+        raise KeyError(f"unexpected key {key!r} in a torchvision ResNet state dict")
+
+    @staticmethod
+    def to_torchvision_key(key: str) -> str:
+        """torchvision's name of one of our state-dict keys (the inverse of :meth:`from_torchvision_key`)."""
+        head, _, rest = key.partition(".")
+        if head == "stage0":
+            index, _, param = rest.partition(".")
+            return f"{'conv1' if index == '0' else 'bn1'}.{param}"
+        return f"layer{head.removeprefix('stage')}.{rest}"
+
     def load_torchvision_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load a torchvision ResNet state dict (``conv1.*``, ``layer1.*`` ...; ``fc.*`` is ignored)."""
-        renamed = {}
-        for key, value in state.items():
-            head, _, rest = key.partition(".")
-            if head == "fc":
-                continue
-            if head in ("conv1", "bn1"):
-                renamed[f"stage0.{'0' if head == 'conv1' else '1'}.{rest}"] = value
-            elif head.startswith("layer") and head[5:].isdigit():
-                renamed[f"stage{head[5:]}.{rest}"] = value
-            else:
-                raise KeyError(f"unexpected key {key!r} in a torchvision ResNet state dict")
+        renamed = {self.from_torchvision_key(k): v for k, v in state.items() if not k.startswith("fc.")}
         missing, unexpected = self.load_state_dict(renamed, strict=False)
         missing = [k for k in missing if not k.endswith("num_batches_tracked")]
         if missing or unexpected:
@@ -156,7 +204,6 @@ def fold_batchnorm(backbone: ResNetBackbone) -> ResNetBackbone:
 def _set_last_stage_stride_one(layer: nn.Sequential) -> None:
     block = layer[0]
     assert isinstance(block, _BLOCKS), block
-    strided = block.conv2 if isinstance(block, resnet.Bottleneck) else block.conv1
-    strided.stride = (1, 1)
-    if block.downsample is not None:
-        block.downsample[0].stride = (1, 1)
+    for module in block.modules():
+        if isinstance(module, nn.Conv2d):
+            module.stride = (1, 1)

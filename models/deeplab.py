@@ -55,16 +55,17 @@ class ASPPv2(nn.Module):
 class DeepLab(nn.Module):
     """ResNet backbone at output stride 8 (or 16) with a DeepLab-v2 or -v3 head; ``forward`` returns logits at the
     backbone's output stride. With ``norm="frozen"`` the BatchNorm layers of the backbone use their running
-    statistics and their affine parameters are not trained (deeplab-pytorch); ``"batch"`` trains them."""
+    statistics and their affine parameters are not trained (deeplab-pytorch); ``"batch"`` trains them.
+    ``style="caffe"`` is the backbone of deeplab-pytorch's caffe-converted weights (see :class:`ResNetBackbone`)."""
 
     def __init__(self, num_classes: int, arch: str = "deeplabv2", backbone: str = "resnet101", norm: str = "frozen",
-                 output_stride: int = 8, aspp_rates: Sequence[int] = V2_RATES):
+                 output_stride: int = 8, aspp_rates: Sequence[int] = V2_RATES, style: str = "torchvision"):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"unknown architecture {arch!r}; allowed: {', '.join(ARCHS)}")
         if output_stride not in OUTPUT_STRIDES:
             raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
-        self.backbone = ResNetBackbone(backbone, trainable_from=0, norm=norm)
+        self.backbone = ResNetBackbone(backbone, trainable_from=0, norm=norm, style=style)
         if output_stride == 8:
             dilate_stage(self.backbone.stage3, 2)
         dilate_stage(self.backbone.stage4, 4 if output_stride == 8 else 2)

@@ -11,6 +11,8 @@ from storage import fs
 from storage.errors import CheckpointError
 
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+# torch.hub's convention: a published weights file is named <name>-<first hex digits of its SHA-256>.<ext>
+_HASH_NAME = re.compile(r"-([0-9a-f]{8,64})\.pth?$")
 
 
 def save(url: str, state: dict) -> None:
@@ -25,15 +27,20 @@ def load(url: str, weights_only: bool = True) -> dict:
 
 
 def load_with_digest(url: str, weights_only: bool = True) -> tuple[dict, str]:
-    """The checkpoint at ``url`` and a short SHA-256 of its bytes (to tie outputs to the exact weights)."""
+    """The checkpoint at ``url`` and a short SHA-256 of its bytes (to tie outputs to the exact weights). A file
+    named as torch.hub names published weights (``resnet50-19c8e357.pth``) must match the digest in its name."""
     if not fs.exists(url):
         raise FileNotFoundError(f"checkpoint {url} not found")
     data = fs.read_bytes(url)
+    digest = hashlib.sha256(data).hexdigest()
+    if (named := _HASH_NAME.search(url)) and not digest.startswith(named.group(1)):
+        raise CheckpointError(f"{url}: SHA-256 {digest[:len(named.group(1))]}... differs from the {named.group(1)} "
+                              f"in its name ({len(data)} bytes): a truncated or altered download")
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
     except Exception as err:  # torch raises many types for corrupt files
         raise CheckpointError(f"{url}: not a readable torch checkpoint ({err})") from err
-    return state, hashlib.sha256(data).hexdigest()[:16]
+    return state, digest[:16]
 
 
 def step_url(directory: str, step: int) -> str:

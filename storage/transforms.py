@@ -8,10 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from models import backbone
 from storage.errors import ConfigError
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+IMAGENET_MEAN = np.array(backbone.IMAGENET_MEAN, dtype=np.float32)
+IMAGENET_STD = np.array(backbone.IMAGENET_STD, dtype=np.float32)
 SEG_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)  # deeplab-pytorch's VOC scale set
 SCALE_INTERPOLATIONS = ("linear", "pil_bilinear")
 

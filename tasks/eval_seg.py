@@ -98,7 +98,7 @@ def load_segmenter(url: str, class_names: Sequence[str]) -> DeepLab:
                               f"({_names(meta['class_names'])}); the split has {len(class_names)} "
                               f"({_names(class_names)})")
     model = DeepLab(len(class_names), meta["arch"], meta["backbone"], meta["norm"], meta["output_stride"],
-                    meta.get("aspp_rates", V2_RATES))
+                    meta.get("aspp_rates", V2_RATES), meta.get("style", "torchvision"))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:

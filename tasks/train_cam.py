@@ -36,6 +36,7 @@ from tasks.runtime.context import RunContext
 from tasks.runtime.device import amp_enabled
 from tasks.runtime.hashing import config_hash
 from tasks.runtime.manifests import Inputs
+from tasks.runtime.weights import load_backbone_weights
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ class TrainCamConfig(BaseModel):
 def build_model(cfg: TrainCamConfig, num_classes: int) -> SFCNet:
     model = SFCNet(num_classes, cfg.backbone, cfg.trainable_from, cfg.bg_seed_scale, cfg.norm)
     if cfg.weights:
-        model.backbone.load_torchvision_state_dict(checkpoints.load_pretrained(cfg.weights))
+        log.info("train_cam.weights %s: %s", cfg.weights, load_backbone_weights(model.backbone, cfg.weights))
     return model
 
 

@@ -34,7 +34,13 @@ from tasks.runtime.device import amp_enabled
 from tasks.runtime.hashing import config_hash
 from tasks.runtime.manifests import Inputs
 from tasks.runtime.settings import Scales
-from tasks.runtime.weights import load_backbone_weights, resolve_cam_weights, unresolved_cam_weights
+from tasks.runtime.weights import (
+    CAM_WEIGHTS,
+    WEIGHTS_FORMATS,
+    load_segmenter_weights,
+    resolve_cam_weights,
+    unresolved_cam_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +55,13 @@ class TrainSegConfig(BaseModel):
     arch: Literal[ARCHS] = "deeplabv2"  # type: ignore[valid-type]
     backbone: Literal[BACKBONES] = "resnet101"  # type: ignore[valid-type]
     weights: str | None = Field(
-        None, description="backbone init: a torchvision-format ResNet state dict (path or fsspec URL), or 'cam': "
-                          "the backbone of this run's CAM network (runs without ImageNet weights, such as the demo)")
+        None, description="initialisation (path or fsspec URL): a file in weights_format, or 'cam': the backbone "
+                          "of this run's CAM network (runs without ImageNet weights, such as the demo)")
+    weights_format: Literal[WEIGHTS_FORMATS] = Field(  # type: ignore[valid-type]
+        "torchvision", description="torchvision: a torchvision ResNet state dict (or a CAM checkpoint); "
+        "deeplab-pytorch: a deeplab-pytorch DeepLabV2 checkpoint such as its COCO-pretrained initialisation "
+        "deeplabv1_resnet101-coco.pth, read with its caffe ResNet (stride on the 1x1 convolutions, BGR 0..255 "
+        "input); its ASPP is used only if it fits the classes (docs/reproduce.md)")
     norm: Literal[NORMS] = Field(  # type: ignore[valid-type]
         "frozen", description="frozen: backbone BN with running statistics, not trained (deeplab); batch: trained")
     output_stride: Literal[8, 16] = Field(8, description="8: layer3/layer4 dilated 2/4 (DeepLab); 16: layer4 only")
@@ -105,6 +116,21 @@ class TrainSegConfig(BaseModel):
             raise ValueError(f"scale_range must satisfy 0 < low <= high, got {list(self.scale_range)}")
         return self
 
+    @model_validator(mode="after")
+    def _weights_format(self) -> TrainSegConfig:
+        if self.weights_format == "deeplab-pytorch":
+            if self.backbone not in ("resnet50", "resnet101"):
+                raise ValueError(f"weights_format deeplab-pytorch needs backbone resnet101 (or resnet50), "
+                                 f"got {self.backbone}")
+            if self.weights in (None, CAM_WEIGHTS):
+                raise ValueError("weights_format deeplab-pytorch needs weights: the path of a deeplab-pytorch file")
+        return self
+
+    @property
+    def style(self) -> str:
+        """The backbone's style: deeplab-pytorch's files come from caffe ResNets."""
+        return "caffe" if self.weights_format == "deeplab-pytorch" else "torchvision"
+
     @property
     def scaling(self) -> SegScaling:
         return SegScaling(self.scales, self.scale_range, self.scale_interpolation)
@@ -112,11 +138,12 @@ class TrainSegConfig(BaseModel):
 
 def build_segmenter(cfg: TrainSegConfig, num_labels: int) -> DeepLab:
     """A randomly initialised segmenter for ``num_labels`` classes (background included), with the configured
-    backbone weights loaded."""
-    model = DeepLab(num_labels, cfg.arch, cfg.backbone, cfg.norm, cfg.output_stride, cfg.aspp_rates)
+    weights loaded."""
+    model = DeepLab(num_labels, cfg.arch, cfg.backbone, cfg.norm, cfg.output_stride, cfg.aspp_rates, cfg.style)
     unresolved_cam_weights("train_seg", cfg.weights)
     if cfg.weights:
-        load_backbone_weights(model.backbone, cfg.weights)
+        log.info("train_seg.weights %s: %s", cfg.weights, load_segmenter_weights(model, cfg.weights,
+                                                                                 cfg.weights_format))
     return model
 
 
@@ -223,7 +250,7 @@ def train_seg(cfg: TrainSegConfig, train_split_url: str, pseudo_label_dir: str, 
 
     final_url = fs.join(out_dir, FINAL)
     meta = {"kind": "segmenter", "arch": cfg.arch, "backbone": cfg.backbone, "norm": cfg.norm,
-            "output_stride": cfg.output_stride, "aspp_rates": list(cfg.aspp_rates),
+            "output_stride": cfg.output_stride, "aspp_rates": list(cfg.aspp_rates), "style": cfg.style,
             "class_names": list(split.class_names), "config_hash": cfg_hash}
     checkpoints.save(final_url, {"model": model.state_dict(), "meta": meta, "step": cfg.max_steps})
     losses = loss_summary(trainer.history, max(1, min(LOSS_WINDOW, len(trainer.history) // 2)))  # half the steps

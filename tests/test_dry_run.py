@@ -47,7 +47,8 @@ def setup(tmp_path: Path) -> tuple[Path, Path, list[str]]:
     overrides = [f"prepare_data.root={root}", f"run.root={tmp_path / 'runs'}", "run.device=cpu",
                  *(f"{s}.backbone=resnet18" for s in ("train_cam", "train_irn", "train_seg")),
                  *(f"{s}.weights={weights}" for s in ("train_cam", "train_irn", "train_seg")),
-                 "train_cam.batch_size=2", "train_cam.epochs=3", "train_irn.batch_size=4", "train_seg.max_steps=50"]
+                 "train_seg.weights_format=torchvision", "train_cam.batch_size=2", "train_cam.epochs=3",
+                 "train_irn.batch_size=4", "train_seg.max_steps=50"]
     return root, weights, overrides
 
 
@@ -64,7 +65,8 @@ def test_complete_tree(setup, tmp_path):
     assert "train_seg            50 steps of 5 x 2 images" in text
     assert "infer_cams           5 images x 4 scales + flips" in text
     assert "make_pseudo_labels   5 pseudo labels (irn)" in text
-    assert f"train_cam.weights: {tmp_path / 'resnet18.pth'} (loads into resnet18)" in text
+    assert f"train_cam.weights: {tmp_path / 'resnet18.pth'}: a torchvision ResNet, loads into resnet18" in text
+    assert "expected figures of configs/voc.yaml (docs/reproduce.md): the paper's CAM seeds 64.7" in text
     assert text.endswith("no problems found\n")
     # P and K (float16) of background + each image's classes at 20 x 24: classes 1, 2, 1, 1, 3 in train_aug
     assert report.store_bytes == pytest.approx(sum(2 * (1 + k) * 20 * 24 * 2 for k in (1, 2, 1, 1, 3)))
@@ -100,7 +102,9 @@ def test_bad_weights_and_missing_root(setup, tmp_path):
     cfg = load_config(str(REPO / "configs/voc.yaml"), overrides)
     torch.save(torchvision.models.resnet34().state_dict(), weights)
     problems = dry_run(cfg, start="train_seg").problems
-    assert len(problems) == 1 and problems[0].startswith(f"train_seg.weights: {weights} does not fit resnet18")
+    assert problems == [f"train_seg.weights: {weights}: a torchvision ResNet that does not fit resnet18: 96 "
+                        f"unexpected keys (layer1.2.conv1.weight, layer1.2.bn1.weight, layer1.2.bn1.bias, "
+                        f"layer1.2.bn1.running_mean and 92 more)"]
     cfg = load_config(str(REPO / "configs/voc.yaml"), [*overrides, f"prepare_data.root={tmp_path / 'nope'}"])
     assert dry_run(cfg, ["eval_cam"]).problems == [f"prepare_data.root: dataset root {tmp_path / 'nope'} does not "
                                                    "exist or is not a directory"]
@@ -139,3 +143,26 @@ def test_run_pipeline_refuses_missing_weights(setup, tmp_path):
     with pytest.raises(ValueError, match=f"missing weights:\n  train_cam.weights: weights file {weights} does not"):
         run_pipeline(cfg)
     assert not (tmp_path / "runs").exists()
+
+
+def test_deeplab_pytorch_weights_are_checked_by_their_keys(setup, tmp_path):
+    """The COCO initialisation's kind is told from its keys; a file of the other kind is one problem line each."""
+    from tests.deeplab_pytorch_files import deeplab_pytorch_state
+
+    _, weights, overrides = setup
+    coco = tmp_path / "deeplabv1_resnet50-coco.pth"
+    torch.save(deeplab_pytorch_state((3, 4, 6, 3)), coco)
+    deeplab = [*overrides, "train_seg.backbone=resnet50", "train_seg.weights_format=deeplab-pytorch"]
+    report = dry_run(load_config(str(REPO / "configs/voc.yaml"), [*deeplab, f"train_seg.weights={coco}"]),
+                     start="train_seg")
+    assert report.problems == []
+    assert (f"  train_seg.weights: {coco}: deeplab-pytorch resnet50 backbone; its ASPP (4 convs, 91 classes) not "
+            "used, head initialised at random") in report.lines
+    wrong = dry_run(load_config(str(REPO / "configs/voc.yaml"), [*deeplab, f"train_seg.weights={weights}"]),
+                    start="train_seg").problems
+    assert wrong == [f"train_seg.weights: {weights}: weights_format is deeplab-pytorch, but the file lacks its keys "
+                     "(layer1.conv1.conv.weight); a torchvision-format file needs weights_format: torchvision"]
+    swapped = dry_run(load_config(str(REPO / "configs/voc.yaml"), [*overrides, f"train_cam.weights={coco}"]),
+                      ["train_cam"]).problems
+    assert swapped == [f"train_cam.weights: {coco}: a deeplab-pytorch (caffe ResNet) checkpoint where a "
+                       "torchvision-format ResNet is expected; for train_seg set weights_format: deeplab-pytorch"]
