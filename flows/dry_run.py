@@ -59,10 +59,12 @@ def _weights(cfg: PipelineConfig, stage: str) -> str | None:
 
 
 def weights_problems(cfg: PipelineConfig, stages: Sequence[str] | None = None, start: str | None = None) -> list[str]:
-    """A message for every weights file that the selected training stages name and that does not exist."""
+    """A message for every weights file that the selected training stages name and that does not exist or does not
+    fit the network its stage builds (wrong kind, architecture, truncated file)."""
     selected = _selected(cfg, stages, start)
-    return [f"{stage}.weights: weights file {url} does not exist" for stage in TRAINING_STAGES
-            if stage in selected and (url := _weights(cfg, stage)) and not fs.exists(url)]
+    num_classes = len(DEFAULT_CLASSES[cfg.prepare_data.kind]) - 1  # the head's size never stops a load
+    return [problem for stage in TRAINING_STAGES if stage in selected
+            if (problem := _stage_weights(cfg, stage, num_classes)[1])]
 
 
 def _network(cfg: PipelineConfig, stage: str, num_classes: int) -> torch.nn.Module:
@@ -79,27 +81,31 @@ def _network(cfg: PipelineConfig, stage: str, num_classes: int) -> torch.nn.Modu
         return build_segmenter(section, num_classes + 1)
 
 
+def _stage_weights(cfg: PipelineConfig, stage: str, num_classes: int) -> tuple[str, str | None]:
+    """The dry run's line for a stage's weights and the problem with them, if any: the file is read and its keys
+    and shapes checked against the network the stage builds."""
+    url = _weights(cfg, stage)
+    if getattr(cfg, stage).weights == CAM_WEIGHTS:
+        return f"  {stage}.weights: the backbone of this run's trained CAM network", None
+    if url is None:
+        return f"  {stage}.weights: none, random initialisation", None
+    if not fs.exists(url):
+        return f"  {stage}.weights: {url} MISSING", f"{stage}.weights: weights file {url} does not exist"
+    try:
+        fitted = fit_weights(url, checkpoints.load_pretrained(url), _network(cfg, stage, num_classes),
+                             getattr(getattr(cfg, stage), "weights_format", "torchvision"))
+    except (CheckpointError, ConfigError) as err:
+        return f"  {stage}.weights: {url} DOES NOT FIT", f"{stage}.weights: {err}"
+    return f"  {stage}.weights: {url}: {fitted.summary}", None
+
+
 def _check_weights(cfg: PipelineConfig, selected: list[str], num_classes: int, report: DryRun) -> None:
-    """Each weights file read and its keys and shapes checked against the network that will load it."""
     report.lines.append("weights:")
     for stage in (s for s in TRAINING_STAGES if s in selected):
-        url = _weights(cfg, stage)
-        if getattr(cfg, stage).weights == CAM_WEIGHTS:
-            report.lines.append(f"  {stage}.weights: the backbone of this run's trained CAM network")
-        elif url is None:
-            report.lines.append(f"  {stage}.weights: none, random initialisation")
-        elif not fs.exists(url):
-            report.lines.append(f"  {stage}.weights: {url} MISSING")
-            report.problems.append(f"{stage}.weights: weights file {url} does not exist")
-        else:
-            try:
-                fitted = fit_weights(url, checkpoints.load_pretrained(url), _network(cfg, stage, num_classes),
-                                     getattr(getattr(cfg, stage), "weights_format", "torchvision"))
-            except (CheckpointError, ConfigError) as err:
-                report.lines.append(f"  {stage}.weights: {url} DOES NOT FIT")
-                report.problems.append(f"{stage}.weights: {err}")
-            else:
-                report.lines.append(f"  {stage}.weights: {url}: {fitted.summary}")
+        line, problem = _stage_weights(cfg, stage, num_classes)
+        report.lines.append(line)
+        if problem:
+            report.problems.append(problem)
 
 
 def _first(ids: Sequence[str], limit: int = 3) -> str:

@@ -292,11 +292,12 @@ def task_runner(cfg: PipelineConfig) -> TaskRunner:
 
 
 def run_pipeline(cfg: PipelineConfig, stages: list[str] | None = None, start: str | None = None) -> dict:
-    """Run :func:`sfc_pipeline` for ``cfg`` on the task runner its ``run`` section asks for. A missing weights file
-    of a stage that would run (``ValueError``) or an output location that cannot be written fails here, before any
-    server or stage starts, whether the run comes from the CLI or from a deployment."""
-    if missing := weights_problems(cfg, stages, start):
-        raise ConfigError("\n  ".join(["missing weights:", *missing]))
+    """Run :func:`sfc_pipeline` for ``cfg`` on the task runner its ``run`` section asks for. A weights file of a
+    stage that would run that is missing or does not fit its network (``ValueError``), or an output location that
+    cannot be written fails here, before any server or stage starts, whether the run comes from the CLI or from a
+    deployment."""
+    if problems := weights_problems(cfg, stages, start):
+        raise ConfigError("\n  ".join(["weights that cannot be used:", *problems]))
     fs.makedirs(cfg.run_dir)
     return sfc_pipeline.with_options(task_runner=task_runner(cfg))(cfg.model_dump(mode="json"), stages, start)
 

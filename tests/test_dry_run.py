@@ -132,7 +132,7 @@ def test_configuration_without_its_files(monkeypatch, tmp_path):
     assert result.exit_code == 1
     assert "train_cam.weights: weights file weights/resnet50-19c8e357.pth does not exist" in result.output
     result = CliRunner().invoke(main, ["run", "-c", "configs/voc.yaml", f"run.root={tmp_path}"])
-    assert result.exit_code == 1 and "missing weights:\n  train_cam.weights: weights file" in result.output
+    assert result.exit_code == 1 and "weights that cannot be used:\n  train_cam.weights: weights file" in result.output
 
 
 def test_run_pipeline_refuses_missing_weights(setup, tmp_path):
@@ -140,7 +140,20 @@ def test_run_pipeline_refuses_missing_weights(setup, tmp_path):
     _, weights, overrides = setup
     weights.unlink()
     cfg = load_config(str(REPO / "configs/voc.yaml"), overrides)
-    with pytest.raises(ValueError, match=f"missing weights:\n  train_cam.weights: weights file {weights} does not"):
+    with pytest.raises(ValueError, match=f"weights that cannot be used:\n  train_cam.weights: weights file "
+                                         f"{weights} does not"):
+        run_pipeline(cfg)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_pipeline_refuses_weights_of_another_architecture(setup, tmp_path):
+    """Hours before train_seg would load it, the run stops on a segmenter file that does not fit."""
+    _, weights, overrides = setup
+    other = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34().state_dict(), other)
+    cfg = load_config(str(REPO / "configs/voc.yaml"), [*overrides, f"train_seg.weights={other}"])
+    with pytest.raises(ValueError, match=f"weights that cannot be used:\n  train_seg.weights: {other}: a "
+                                         "torchvision ResNet that does not fit resnet18: 96 unexpected keys"):
         run_pipeline(cfg)
     assert not (tmp_path / "runs").exists()
 
