@@ -298,10 +298,13 @@ def train(stage: str, config: str, overrides: tuple[str, ...]) -> None:
 
 @main.command("show-config")
 @click.option("--config", "-c", default="configs/synthetic.yaml", show_default=True, help=CONFIG_HELP)
+@click.option("--explain", is_flag=True, help="each field's description (and its default where the value differs) "
+                                            "as a comment above it")
 @click.argument("overrides", nargs=-1)
-def show_config(config: str, overrides: tuple[str, ...]) -> None:
+def show_config(config: str, explain: bool, overrides: tuple[str, ...]) -> None:
     """Print the resolved configuration."""
-    click.echo(load_config(config, overrides).to_yaml(), nl=False)
+    cfg = load_config(config, overrides)
+    click.echo(cfg.to_explained_yaml() if explain else cfg.to_yaml(), nl=False)
 
 
 @main.command("make-synthetic")

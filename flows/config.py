@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import textwrap
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import to_jsonable_python
 
 from storage import fs
 from storage.errors import ConfigError
@@ -34,13 +36,15 @@ _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class RunConfig(BaseModel):
+    """Where the run lives, its seed and device, and how its tasks are scheduled."""
+
     model_config = ConfigDict(extra="forbid")
-    name: str = "demo"
+    name: str = Field("demo", description="the run's directory under root and its MLflow run name")
     root: str = Field("runs", description="folder (path or fsspec URL) holding one directory per run")
-    seed: int = 10
+    seed: int = Field(10, description="seed of every random choice: initialisation, data order, augmentation")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps")
     retries: int = Field(1, ge=0, description="Prefect retries of a stage after a transient I/O error")
-    retry_delay_s: float = Field(10.0, ge=0)
+    retry_delay_s: float = Field(10.0, ge=0, description="seconds between such retries")
     shards: int = Field(1, ge=1, description="per-image stages (CAM inference, IR labels, pseudo labels, the three "
                         "evaluations) fan out as this many mapped Prefect tasks")
     task_runner: Literal["threads", "dask"] = Field(
@@ -68,6 +72,8 @@ class RunConfig(BaseModel):
 
 
 class TrackingConfig(BaseModel):
+    """MLflow: where runs are recorded and what is logged with them."""
+
     model_config = ConfigDict(extra="forbid")
     uri: str | None = Field(None, description="MLflow tracking URI; default: SQLite store in the runs folder")
     experiment: str = Field("sfc", description="MLflow experiment of the runs (tagged as a model-training one)")
@@ -85,6 +91,8 @@ class TrackingConfig(BaseModel):
 
 
 class PipelineConfig(BaseModel):
+    """The whole pipeline: one section per stage that has settings, plus run and tracking."""
+
     model_config = ConfigDict(extra="forbid")
     run: RunConfig = RunConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -130,12 +138,46 @@ class PipelineConfig(BaseModel):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
+    def to_explained_yaml(self) -> str:
+        """The resolved YAML with each section's docstring and each field's description as comments above it,
+        and the default where the value differs (detectron2's commented defaults). Loads back to the same config."""
+        return "".join(_explained(self, 0))
+
     def digest(self) -> str:
         return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
 
     def parent_run_tags(self) -> dict[str, str]:
         """The tags that identify the run's MLflow parent run (a changed configuration gets a new one)."""
         return {"run_dir": self.run_dir, "config_digest": self.digest(), "sfc.kind": "pipeline"}
+
+
+_COMMENT_WIDTH = 116
+
+
+def _comment(text: str, indent: int) -> list[str]:
+    pad = " " * indent
+    return [f"{pad}# {line}\n" for line in textwrap.wrap(" ".join(text.split()), _COMMENT_WIDTH - indent)]
+
+
+def _scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("\n...\n").strip()
+
+
+def _explained(section: BaseModel, indent: int) -> list[str]:
+    lines, pad = [], " " * indent
+    for name, field in type(section).model_fields.items():
+        value = getattr(section, name)
+        if isinstance(value, BaseModel):
+            doc = (type(value).__doc__ or "").strip().split("\n\n")[0]
+            lines += [*_comment(doc, indent), f"{pad}{name}:\n", *_explained(value, indent + 2)]
+            continue
+        dumped = section.model_dump(mode="json", include={name})[name]
+        lines += _comment(field.description or "", indent)
+        if not field.is_required() and (default := to_jsonable_python(field.get_default(
+                call_default_factory=True))) != dumped:
+            lines += _comment(f"default: {_scalar(default)}", indent)
+        lines.append(f"{pad}{name}: {_scalar(dumped)}\n")
+    return lines
 
 
 def section_name(name: str) -> str:

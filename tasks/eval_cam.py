@@ -40,7 +40,8 @@ class EvalCamConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     proto_weights: list[float] = Field(
         [0.3, 0.7], description="w of the fused K + w P (0.3: random-walk input, 0.7: IR-label input)")
-    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    thresholds: tuple[float, ...] = Field(
+        DEFAULT_THRESHOLDS, description="background thresholds of the mIoU sweeps (0.05 .. 0.95)")
     overlays: int = Field(6, ge=0, description="images drawn as image | GT | P | K overlays")
 
 

@@ -36,8 +36,8 @@ class InferCamsConfig(BaseModel):
     """CAM inference (docs/method.md section 6)."""
 
     model_config = ConfigDict(extra="forbid")
-    scales: Scales = DEFAULT_SCALES
-    num_workers: int = Field(2, ge=0)
+    scales: Scales = Field(DEFAULT_SCALES, description="input scales whose CAMs (each with its flip) are summed")
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes decoding and rescaling images")
     amp: bool = Field(False, description="fp16 autocast on CUDA (parity tests and CPU runs use fp32)")
     cpu_streams: int = Field(0, ge=0, description="CPU: images computed at once, each with threads/streams "
                                                   "intra-op threads; 0 = one per intra-op thread")

@@ -33,7 +33,9 @@ class MakePseudoLabelsConfig(BaseModel):
     """Pseudo labels (docs/method.md section 7.3); random-walk defaults are the reference's ``make_seg_labels``."""
 
     model_config = ConfigDict(extra="forbid")
-    method: Literal["irn", "crf", "none"] = "irn"
+    method: Literal["irn", "crf", "none"] = Field(
+        "irn", description="irn: random walk on IRN's boundaries (the reference); crf: dense CRF on the CAMs; "
+        "none: the CAMs' argmax")
     proto_weight: float = Field(0.3, ge=0, description="scores are K + proto_weight * P")
     beta: float = Field(10, gt=0, description="random walk: affinity exponent")
     exp_times: int = Field(8, ge=0, le=12, description="random walk: 2**exp_times steps")

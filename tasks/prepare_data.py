@@ -34,10 +34,10 @@ class SyntheticConfig(BaseModel):
     """Generation parameters used when ``kind: synthetic`` and the root holds no dataset yet."""
 
     model_config = ConfigDict(extra="forbid")
-    num_images: int = Field(800, ge=10)
-    seed: int = 0
-    min_size: int = Field(96, ge=16)
-    max_size: int = Field(128, ge=16)
+    num_images: int = Field(800, ge=10, description="images generated (train, val and test together)")
+    seed: int = Field(0, description="seed of the generated images (the dataset, not the run)")
+    min_size: int = Field(96, ge=16, description="smallest image side in pixels")
+    max_size: int = Field(128, ge=16, description="largest image side in pixels")
     val_fraction: float = Field(0.15, gt=0, lt=1, description="share of the images in val")
     test_fraction: float = Field(0.15, gt=0, lt=1, description="share of the images in test")
 
@@ -46,15 +46,18 @@ class PrepareDataConfig(BaseModel):
     """Which dataset, where, and which splits the stages use."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal[DATASET_KINDS]  # type: ignore[valid-type]
+    kind: Literal[DATASET_KINDS] = Field(  # type: ignore[valid-type]
+        description="voc, coco (converted to the VOC layout) or synthetic (generated at root on first use)")
     root: str = Field(description="dataset root in VOC layout (path or fsspec URL)")
-    train_split: str = "train_aug"
+    train_split: str = Field("train_aug", description="split the CAM network, IRN and the segmenter train on")
     val_split: str = Field("val", description="split with ground-truth masks: validation and segmentation scores")
     seed_split: str = Field("train", description="split with ground-truth masks inside train_split where CAMs and "
                             "pseudo labels are scored (VOC: the 1464 train images)")
     test_split: str | None = Field(None, description="split without masks whose segmentation predictions are "
                                    "exported in the VOC evaluation-server layout")
-    on_bad_data: Literal["error", "skip"] = "error"
+    on_bad_data: Literal["error", "skip"] = Field(
+        "error", description="error: stop on the first bad image, mask or label naming the file; skip: drop it and "
+        "log the count")
     check_files: bool = Field(True, description="decode every image and mask of the used splits")
     synthetic: SyntheticConfig = SyntheticConfig()
 

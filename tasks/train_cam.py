@@ -30,6 +30,7 @@ from storage.reports import class_metrics, format_table
 from storage.tracking import Tracker
 from tasks.engine import training
 from tasks.engine.distributed import seeded_model
+from tasks.engine.loop_settings import LOOP_SETTINGS
 from tasks.engine.resume import finished_manifest, loss_summary
 from tasks.engine.training import Checkpointer, EvalHook, Solver, StepLogger, StepResult, Trainer
 from tasks.runtime.context import RunContext
@@ -50,7 +51,7 @@ class IBRConfig(BaseModel):
     """Image bank re-sampling."""
 
     model_config = ConfigDict(extra="forbid")
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: no image bank re-sampling (an ablation)")
     n_resample: int = Field(4, ge=1, description="images re-sampled from the bank per step")
     skip_empty_slots: bool = Field(False, description="deviation: never draw a class slot not yet filled")
 
@@ -61,31 +62,37 @@ class TrainCamConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: Literal["sfc", "baseline"] = Field(
         "sfc", description="baseline: classification loss only, no consistency terms, no image bank")
-    backbone: Literal[BACKBONES] = "resnet50"  # type: ignore[valid-type]
-    weights: str | None = Field(None, description="torchvision-format backbone state dict (path or fsspec URL)")
+    backbone: Literal[BACKBONES] = Field("resnet50", description=LOOP_SETTINGS["backbone"])  # type: ignore[valid-type]
+    weights: str | None = Field(None, description="backbone init (path or fsspec URL): a torchvision ResNet state "
+                                                  "dict, or a CAM checkpoint's backbone; null: random")
     trainable_from: int = Field(3, ge=0, le=4, description="first trainable backbone stage (3: layer3)")
     norm: Literal[NORMS] = Field(  # type: ignore[valid-type]
         "frozen", description="frozen: BN with running statistics (reference); batch: trainable BN (random init)")
-    crop: int = Field(512, ge=32, le=2048)
-    resize_long: tuple[int, int] = (320, 640)
+    crop: int = Field(512, ge=32, le=2048, description=LOOP_SETTINGS["crop"] + " (a multiple of 32)")
+    resize_long: tuple[int, int] = Field(
+        (320, 640), description="each image's long side first resized to a length drawn uniformly from this range")
     batch_size: int = Field(16, ge=1, description="images per process and step (global batch: x processes)")
-    epochs: int = Field(6, ge=1)
+    epochs: int = Field(6, ge=1, description=LOOP_SETTINGS["epochs"])
     max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
-    lr: float = Field(0.1, gt=0)
-    new_layer_lr_mult: float = Field(10.0, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
+    lr: float = Field(0.1, gt=0, description=LOOP_SETTINGS["lr"] + " of the trained backbone stages")
+    new_layer_lr_mult: float = Field(10.0, gt=0, description="lr multiplier of the new layers (classifier, side "
+                                                             "and f9 heads)")
+    weight_decay: float = Field(1e-4, ge=0, description=LOOP_SETTINGS["weight_decay"])
     momentum: float = Field(1e-4, ge=0, lt=1, description="reference quirk: weight decay passed as momentum")
-    poly_power: float = Field(0.9, ge=0)
-    clip_grad_norm: float = Field(1.0, gt=0)
-    loss_proto_weight: float = Field(1.6, ge=0)
-    loss_scale_weight: float = Field(0.8, ge=0)
-    bg_seed_scale: float = Field(0.3, ge=0)
-    class_weights: Literal[WEIGHT_MODES] = "voc"  # type: ignore[valid-type]
+    poly_power: float = Field(0.9, ge=0, description=LOOP_SETTINGS["poly_power"])
+    clip_grad_norm: float = Field(1.0, gt=0, description="gradients clipped to this global norm")
+    loss_proto_weight: float = Field(1.6, ge=0, description="weight of the prototype-CAM consistency loss (MSDW)")
+    loss_scale_weight: float = Field(0.8, ge=0, description="weight of the cross-scale consistency loss (MSDW)")
+    bg_seed_scale: float = Field(0.3, ge=0, description="background seed of the prototypes: this x the maximum "
+                                                        "foreground CAM response")
+    class_weights: Literal[WEIGHT_MODES] = Field(  # type: ignore[valid-type]
+        "voc", description="distribution coefficients of MSDW: voc (the reference's constants), counts (1 / (N_c + "
+        "R) from the split's class counts), uniform (all 1)")
     ibr: IBRConfig = IBRConfig()
-    num_workers: int = Field(2, ge=0)
-    checkpoint_every: int = Field(300, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(1, ge=1)
+    num_workers: int = Field(2, ge=0, description=LOOP_SETTINGS["num_workers"])
+    checkpoint_every: int = Field(300, ge=1, description=LOOP_SETTINGS["checkpoint_every"])
+    keep_checkpoints: int = Field(2, ge=1, description=LOOP_SETTINGS["keep_checkpoints"])
+    log_every: int = Field(1, ge=1, description=LOOP_SETTINGS["log_every"])
     validate_every: int = Field(
         0, ge=0, description="selection final: single-scale CAM mIoU sweep on the val split every N steps (0: at "
                              "the end only); best_gt: the reference's selection validation every N steps")
@@ -94,7 +101,7 @@ class TrainCamConfig(BaseModel):
         "final", description="final: the last model; best_gt: the reference's best.pth, chosen on the seed split's "
                              "ground truth (argmax mIoU of K + of P, after steps 1 + n x validate_every above 10)")
     amp: bool = Field(False, description="mixed precision (CUDA only)")
-    channels_last: bool = False
+    channels_last: bool = Field(False, description=LOOP_SETTINGS["channels_last"])
 
     @field_validator("crop")
     @classmethod

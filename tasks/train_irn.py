@@ -29,6 +29,7 @@ from storage.tracking import Tracker
 from tasks.engine import training
 from tasks.engine.distributed import seeded_model
 from tasks.engine.irn_checkpoint import KIND
+from tasks.engine.loop_settings import LOOP_SETTINGS
 from tasks.engine.resume import finished_manifest, loss_summary
 from tasks.engine.training import Checkpointer, Solver, StepLogger, StepResult, Trainer
 from tasks.runtime.context import RunContext
@@ -46,32 +47,32 @@ class TrainIrnConfig(BaseModel):
     """IRN training (docs/method.md section 7.2); defaults are the reference's."""
 
     model_config = ConfigDict(extra="forbid")
-    backbone: Literal[BACKBONES] = "resnet50"  # type: ignore[valid-type]
+    backbone: Literal[BACKBONES] = Field("resnet50", description=LOOP_SETTINGS["backbone"])  # type: ignore[valid-type]
     weights: str | None = Field(
         None, description="frozen backbone weights: a torchvision ResNet state dict, or a CAM checkpoint of this "
                           "project (its backbone is used; a deviation for runs without ImageNet weights); in the "
                           "pipeline 'cam' names this run's CAM checkpoint")
-    crop: int = Field(512, ge=32, le=2048)
+    crop: int = Field(512, ge=32, le=2048, description=LOOP_SETTINGS["crop"] + " (a multiple of 4)")
     scale_range: tuple[float, float] = Field(
         (0.5, 1.0), description="random rescale range; the reference's effective [0.5, 1.0] (IRN/SIPE: [0.5, 1.5])")
     radius: int = Field(10, ge=2, description="pairs within this radius at stride 4")
     batch_size: int = Field(32, ge=1, description="images per process and step (global batch: x processes)")
-    epochs: int = Field(3, ge=1)
+    epochs: int = Field(3, ge=1, description=LOOP_SETTINGS["epochs"])
     max_steps: int | None = Field(None, ge=1, description="overrides epochs when set")
     lr: float = Field(0.1, gt=0, description="edge branch learning rate")
     displacement_lr_mult: float = Field(10.0, gt=0, description="displacement branch lr = lr x this")
     backbone_lr_mult: float = Field(
         0, ge=0, description="0: the backbone stays frozen (the reference); > 0: it is trained too, with lr x this "
                              "(a deviation for backbones without ImageNet features, docs/demo.md)")
-    weight_decay: float = Field(1e-4, ge=0)
+    weight_decay: float = Field(1e-4, ge=0, description=LOOP_SETTINGS["weight_decay"])
     momentum: float = Field(1e-4, ge=0, lt=1, description="reference quirk: weight decay passed as momentum")
-    poly_power: float = Field(0.9, ge=0)
+    poly_power: float = Field(0.9, ge=0, description=LOOP_SETTINGS["poly_power"])
     mean_shift_images: int | None = Field(
         None, ge=1, description="first N training images for the mean displacement (None: all)")
-    num_workers: int = Field(2, ge=0)
-    checkpoint_every: int = Field(100, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(1, ge=1)
+    num_workers: int = Field(2, ge=0, description=LOOP_SETTINGS["num_workers"])
+    checkpoint_every: int = Field(100, ge=1, description=LOOP_SETTINGS["checkpoint_every"])
+    keep_checkpoints: int = Field(2, ge=1, description=LOOP_SETTINGS["keep_checkpoints"])
+    log_every: int = Field(1, ge=1, description=LOOP_SETTINGS["log_every"])
 
     @model_validator(mode="after")
     def _sizes_consistent(self) -> TrainIrnConfig:

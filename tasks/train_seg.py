@@ -26,6 +26,7 @@ from storage.tracking import Tracker
 from storage.transforms import SCALE_INTERPOLATIONS, SEG_SCALES, SegScaling
 from tasks.engine import training
 from tasks.engine.distributed import seeded_model, sync_grads
+from tasks.engine.loop_settings import LOOP_SETTINGS
 from tasks.engine.resume import LOSS_WINDOW, finished_manifest, loss_summary
 from tasks.engine.seg_prediction import SegPrediction, predict_probs, read_target
 from tasks.engine.training import Checkpointer, EvalHook, Solver, StepLogger, StepResult, Trainer
@@ -52,8 +53,10 @@ class TrainSegConfig(BaseModel):
     """Segmentation training; defaults are deeplab-pytorch's DeepLabV2-ResNet-101-MSC on VOC."""
 
     model_config = ConfigDict(extra="forbid")
-    arch: Literal[ARCHS] = "deeplabv2"  # type: ignore[valid-type]
-    backbone: Literal[BACKBONES] = "resnet101"  # type: ignore[valid-type]
+    arch: Literal[ARCHS] = Field(  # type: ignore[valid-type]
+        "deeplabv2", description="deeplabv2: deeplab-pytorch's ASPP of summed dilated convolutions; deeplabv3: "
+        "torchvision's DeepLab-v3 head")
+    backbone: Literal[BACKBONES] = Field("resnet101", description=LOOP_SETTINGS["backbone"])  # type: ignore[valid-type]
     weights: str | None = Field(
         None, description="initialisation (path or fsspec URL): a file in weights_format, or 'cam': the backbone "
                           "of this run's CAM network (runs without ImageNet weights, such as the demo)")
@@ -70,7 +73,8 @@ class TrainSegConfig(BaseModel):
         "12, 18, 24 for 321-pixel crops, whose output-stride-8 maps are 41 wide)")
     msc_scales: tuple[float, ...] = Field(
         MSC_SCALES, description="MSC training: extra input scales whose logits (and their max) are also supervised")
-    crop: int = Field(321, ge=16)
+    crop: int = Field(321, ge=16, description=LOOP_SETTINGS["crop"] + " (padded with ignore where the image is "
+                                                                     "smaller)")
     scales: Scales = Field(
         SEG_SCALES, description="scale augmentation: one factor per crop, drawn uniformly from this set (deeplab)")
     scale_range: tuple[float, float] | None = Field(
@@ -87,21 +91,21 @@ class TrainSegConfig(BaseModel):
     batch_size: int = Field(5, ge=1, description="images per forward and process (global batch: x processes)")
     iter_size: int = Field(2, ge=1, description="forwards accumulated per optimiser step")
     max_steps: int = Field(20000, ge=1, description="optimiser steps")
-    lr: float = Field(2.5e-4, gt=0)
+    lr: float = Field(2.5e-4, gt=0, description=LOOP_SETTINGS["lr"] + " of the backbone")
     head_lr_mult: float = Field(10.0, gt=0, description="head weights' lr multiplier")
     head_bias_lr_mult: float = Field(20.0, gt=0, description="head biases' lr multiplier (no weight decay)")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    poly_power: float = Field(0.9, ge=0)
-    num_workers: int = Field(2, ge=0)
-    checkpoint_every: int = Field(1000, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(10, ge=1)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, description=LOOP_SETTINGS["weight_decay"])
+    poly_power: float = Field(0.9, ge=0, description=LOOP_SETTINGS["poly_power"])
+    num_workers: int = Field(2, ge=0, description=LOOP_SETTINGS["num_workers"])
+    checkpoint_every: int = Field(1000, ge=1, description=LOOP_SETTINGS["checkpoint_every"])
+    keep_checkpoints: int = Field(2, ge=1, description=LOOP_SETTINGS["keep_checkpoints"])
+    log_every: int = Field(10, ge=1, description=LOOP_SETTINGS["log_every"])
     val_every: int = Field(0, ge=0, description="single-scale val mIoU every N steps; 0: at the end only")
     val_size: int = Field(513, ge=16, description="padded input side of the validation (as eval_seg.test_size)")
-    val_max_images: int | None = Field(None, ge=1)
+    val_max_images: int | None = Field(None, ge=1, description="limit the images of the validation")
     amp: bool = Field(False, description="mixed precision (CUDA only)")
-    channels_last: bool = False
+    channels_last: bool = Field(False, description=LOOP_SETTINGS["channels_last"])
 
     @field_validator("msc_scales")
     @classmethod

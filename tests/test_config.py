@@ -5,6 +5,7 @@ import pytest
 
 from flows.config import load_config
 from storage.errors import ConfigError
+from storage.tracking import flatten
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -78,3 +79,16 @@ def test_scales_are_checked_in_every_section():
                                                       "train_seg.scales=[0]"])
     for section in ("eval_seg", "infer_cams", "train_seg"):
         assert f"{section}.scales: scales must be a non-empty list of positive numbers" in str(err.value)
+
+
+def test_show_config_explain_comments_every_field_and_loads_back(tmp_path):
+    cfg = load_config(str(CONFIGS / "synthetic.yaml"), ["train_seg.lr=0.02"])
+    text = cfg.to_explained_yaml()
+    lines = text.splitlines()
+    fields = [i for i, line in enumerate(lines) if not line.lstrip().startswith("#") and not line.endswith(":")]
+    assert len(fields) == len(flatten(cfg.model_dump(mode="json")))
+    assert all(lines[i - 1].lstrip().startswith("#") for i in fields)
+    assert "  # base learning rate of the poly schedule of the backbone\n  # default: 0.00025\n  lr: 0.02\n" in text
+    path = tmp_path / "explained.yaml"
+    path.write_text(text)
+    assert load_config(str(path)) == cfg

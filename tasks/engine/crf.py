@@ -13,12 +13,12 @@ class CrfConfig(BaseModel):
     """Dense-CRF pairwise terms; defaults are the reference's ``crf_inference_label`` values."""
 
     model_config = ConfigDict(extra="forbid")
-    iterations: int = Field(10, ge=1)
-    gaussian_sxy: float = Field(3.0, gt=0)
-    gaussian_compat: float = Field(3.0, ge=0)
-    bilateral_sxy: float = Field(50.0, gt=0)
-    bilateral_srgb: float = Field(5.0, gt=0)
-    bilateral_compat: float = Field(10.0, ge=0)
+    iterations: int = Field(10, ge=1, description="mean-field iterations")
+    gaussian_sxy: float = Field(3.0, gt=0, description="smoothness kernel: spatial standard deviation in pixels")
+    gaussian_compat: float = Field(3.0, ge=0, description="smoothness kernel: weight")
+    bilateral_sxy: float = Field(50.0, gt=0, description="appearance kernel: spatial standard deviation in pixels")
+    bilateral_srgb: float = Field(5.0, gt=0, description="appearance kernel: colour standard deviation (0..255)")
+    bilateral_compat: float = Field(10.0, ge=0, description="appearance kernel: weight")
 
     def params(self) -> CrfParams:
         return CrfParams(**self.model_dump())
