@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch and torchvision must come as a matching pair from the registry (a local +cpu torch breaks torchvision).
 TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test bench bench-gpu clean report-check
+.PHONY: install demo test test-fast bench bench-gpu clean report-check
 
 $(BIN)/sfc: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: install
 	$(BIN)/python -m pytest -q
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+# the fast tier: unit, golden and bad-input tests, no flows, servers or learning runs (under 90 s on 2 cores)
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
 	$(BIN)/python bench/train_step.py

@@ -14,6 +14,16 @@ import torch  # noqa: E402
 
 torch.set_flush_denormal(True)
 
+# Fixtures that start a Prefect server or run a whole flow: every test using one is in the slow tier.
+SLOW_FIXTURES = {"prefect_harness", "finished_run"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests that need a Prefect server or a flow as ``slow`` (``make test-fast`` leaves them out)."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def prefect_harness():

@@ -288,7 +288,7 @@ def test_backbone_can_come_from_a_cam_checkpoint(tmp_path):
     checkpoints.save(url, {"model": cam.state_dict(), "meta": {}, "step": 1})
     model = build_model(TrainIrnConfig(backbone="resnet18", weights=url))
     assert torch.equal(model.backbone.stage3[0].conv1.weight, cam.backbone.stage3[0].conv1.weight)
-    with pytest.raises(ValueError, match="final.pt: its backbone does not fit resnet34"):
+    with pytest.raises(ValueError, match="final.pt: the backbone of a CAM checkpoint that does not fit resnet34"):
         build_model(TrainIrnConfig(backbone="resnet34", weights=url))
 
 
