@@ -38,6 +38,11 @@ def _examples(keys: list[str]) -> str:
     return ", ".join(keys[:_SHOWN]) + (f" and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else "")
 
 
+def _key_problems(missing: list[str], unexpected: list[str]) -> str:
+    return "; ".join(f"{len(keys)} {label} keys ({_examples(keys)})" for label, keys in
+                     (("missing", missing), ("unexpected", unexpected)) if keys)
+
+
 def _check_shapes(url: str, given: dict[str, torch.Tensor], module: nn.Module, what: str) -> None:
     expected = module.state_dict()
     wrong = [f"{k} {tuple(v.shape)} (expected {tuple(expected[k].shape)})" for k, v in given.items()
@@ -69,8 +74,7 @@ def _torchvision_or_cam(url: str, state: dict[str, torch.Tensor], backbone: ResN
     unexpected = [theirs(k) for k in renamed if k not in backbone.state_dict()]
     if missing or unexpected:
         raise CheckpointError(f"{url}: {kind} that does not fit {backbone.name}: "
-                              + "; ".join(f"{len(keys)} {label} keys ({_examples(keys)})" for label, keys in
-                                          (("missing", missing), ("unexpected", unexpected)) if keys))
+                              f"{_key_problems(missing, unexpected)}")
     _check_shapes(url, renamed, backbone, backbone.name)
     return FittedWeights(renamed, {}, f"{kind}, loads into {backbone.name}")
 
@@ -86,8 +90,7 @@ def _deeplab_pytorch(url: str, state: dict[str, torch.Tensor], model: DeepLab) -
         blocks = deeplab_pytorch.file_blocks(state)
         arch = deeplab_pytorch.BLOCKS.get(blocks, f"a ResNet with {blocks} blocks in layer2..5")
         raise CheckpointError(f"{url}: a deeplab-pytorch checkpoint of {arch} that does not fit {backbone.name}: "
-                              + "; ".join(f"{len(keys)} {label} keys ({_examples(keys)})" for label, keys in
-                                          (("missing", split.missing), ("unexpected", split.unexpected)) if keys))
+                              f"{_key_problems(split.missing, split.unexpected)}")
     _check_shapes(url, split.backbone, backbone, backbone.name)
     head_state = model.head.state_dict()
     fits = set(split.head) == set(head_state) and all(v.shape == head_state[k].shape for k, v in split.head.items())
